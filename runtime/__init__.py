@@ -1,0 +1,1 @@
+"""DiffEIC runtime: runs encode/decode from exported artifacts; imports no torch."""
