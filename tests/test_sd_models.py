@@ -154,6 +154,29 @@ def test_batch_consistency(fx: dict, model: ControlledUNet) -> None:
     assert rel_err(both[1:], fx["unet"]["eps"][2]) < TOL
 
 
+@pytest.mark.parametrize("variant", [
+    {"use_linear_in_transformer": False},
+    {"num_heads": 2, "num_head_channels": -1},
+])
+def test_variants_random_weights(fx: dict, variant: dict) -> None:
+    """Conv proj_in/out and fixed-head-count layouts build, run, fold and split consistently."""
+    from export.models.unet import ControlModule, UNetModel
+
+    cfg = fx["cfg"]
+    torch.manual_seed(0)
+    m = ControlledUNet(UNetModel({**cfg.unet, **variant}), ControlModule({**cfg.control, **variant})).eval()
+    if not variant.get("use_linear_in_transformer", True):
+        assert isinstance(m.unet.input_blocks[1][1].proj_in, torch.nn.Conv2d)
+    x, t, c = _case(fx, 1)
+    with torch.no_grad():
+        ref = _official_interleaved(m, x, t, c, fx["ctx"])
+        out = m(x, t, c, fx["ctx"])
+        m.fold_context(fx["ctx"])
+        folded = m(x, t, c)
+    assert torch.equal(out, ref)
+    assert float((folded - out).abs().max()) <= 1e-6
+
+
 def test_control_module_sizes(model: ControlledUNet) -> None:
     """find_denominator rules of model/diffeic.py at the tiny control width 6 / 12."""
     cm = model.control.control_model
