@@ -1,0 +1,60 @@
+"""Runtime settings as one frozen value, with one defaults function.
+
+Everything a run can be told (backend, threads, sampler, steps, coder format,
+container, seed) lives here so the CLIs, the pipeline and the service share one
+definition and one set of defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+BACKENDS = ("ort", "trt")
+SAMPLERS = ("ddpm", "ddim")
+CODER_FORMATS = ("compat", "native")
+CONTAINERS = ("native", "reference")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    backend: str = "ort"
+    threads: int = 0  # 0: all cores the process may use
+    sampler: str = "ddpm"  # the official default: spaced DDPM, fixed_small variance
+    steps: int = 50
+    coder_format: str = "compat"  # rANS stream format inside the container
+    container: str = "native"  # "native" (DEIC) or "reference" (official write_body)
+    seed: int = 231  # the official default seed
+    verify_hashes: bool = True
+
+    def __post_init__(self) -> None:
+        for name, value, choices in (
+            ("backend", self.backend, BACKENDS), ("sampler", self.sampler, SAMPLERS),
+            ("coder_format", self.coder_format, CODER_FORMATS), ("container", self.container, CONTAINERS),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+        if not (0 < self.steps < 1 << 16):
+            raise ValueError(f"steps must be in 1..65535, got {self.steps}")
+        if not (0 <= self.seed < 1 << 64):
+            raise ValueError(f"seed must be in 0..2**64-1, got {self.seed}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+
+    def with_(self, **changes: Any) -> "RuntimeConfig":
+        """A copy with the given fields changed (``None`` values are ignored)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def n_threads(self) -> int:
+        if self.threads:
+            return self.threads
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            return os.cpu_count() or 1
+
+
+def defaults() -> RuntimeConfig:
+    """The one place default settings come from."""
+    return RuntimeConfig()

@@ -1,0 +1,231 @@
+"""Encode and decode images with DiffEIC from an artifact directory alone.
+
+``Codec`` ties the pieces together: the manifest and tables, a backend that evaluates
+the exported networks, the latent-coding loop with the C++ rANS coder, the sampler and
+the containers. Encoding: pad to multiples of 64 -> image encoder (SD VAE encoder +
+LFGCM analysis) -> z coded with the EntropyBottleneck tables -> hyper decoder -> y coded
+slice by slice. Decoding mirrors the entropy part, then runs the content decoder, the
+denoising loop (control + UNet) and the VAE decoder, and crops back.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from . import bitstream
+from .backends import Backend, make_backend
+from .bitstream import BitstreamError, Stream
+from .config import RuntimeConfig, defaults
+from .entropy_coding import BottleneckTables, GaussianTables, YDecoder, YEncoder, decode_z, encode_z
+from .latent_coding import code_slices
+from .manifest import Manifest, ManifestError, load_manifest, verify_file
+from .sampler import GaussianNoise, NoiseSource, Schedule, make_sampler, run, to_uint8_image
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int], None]  # (step index, number of steps)
+
+
+@dataclass
+class Timings:
+    """Wall time per stage, seconds, in the order the stages ran."""
+
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t0
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@dataclass
+class EncodeResult:
+    data: bytes
+    stream: Stream
+    bpp: float  # container bits per pixel of the original image
+    timings: Timings
+
+
+@dataclass
+class DecodeResult:
+    image: np.ndarray  # (H, W, 3) uint8, cropped to the original size
+    c_latent: np.ndarray
+    samples: np.ndarray
+    decoded: np.ndarray  # VAE output before post-processing, padded size
+    stream: Stream
+    timings: Timings
+
+
+def pad_image(image: np.ndarray, multiple: int = 64) -> np.ndarray:
+    """Zero-pad an (H, W, 3) uint8 image at the bottom and right (official ``utils.image.pad``)."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
+    h, w = image.shape[:2]
+    if h < 1 or w < 1:
+        raise ValueError(f"image is empty ({h}x{w})")
+    ph, pw = -(-h // multiple) * multiple, -(-w // multiple) * multiple
+    if max(ph, pw) > bitstream.MAX_SIDE:
+        raise ValueError(f"image {h}x{w} is larger than the supported {bitstream.MAX_SIDE} pixels per side")
+    if (ph, pw) == (h, w):
+        return image
+    out = np.zeros((ph, pw, 3), np.uint8)
+    out[:h, :w] = image
+    return out
+
+
+def image_to_input(image: np.ndarray) -> np.ndarray:
+    """uint8 HWC -> float32 (1, 3, H, W) in [0, 1]; the division happens in float64 like the official code."""
+    x = (image.astype(np.float64) / 255.0).astype(np.float32)
+    return np.ascontiguousarray(np.clip(x, 0.0, 1.0).transpose(2, 0, 1)[None])
+
+
+class Codec:
+    """DiffEIC encoder + decoder over one artifact directory and one backend."""
+
+    def __init__(self, artifacts: str | Path, cfg: RuntimeConfig | None = None, backend: Backend | None = None) -> None:
+        self.cfg = cfg or defaults()
+        self.manifest, self.directory = load_manifest(artifacts)
+        m: Manifest = self.manifest
+        path = (verify_file(self.directory, m.tables_file, m.tables_sha256, "tables") if self.cfg.verify_hashes
+                else self.directory / m.tables_file)
+        with np.load(path) as t:
+            self.gaussian = GaussianTables.from_npz(t)
+            self.bottleneck = BottleneckTables.from_npz(t)
+        try:
+            self.slice_ch = [int(c) for c in m.model["slice_ch"]]
+            sched = m.model["schedule"]
+            self.schedule = Schedule(float(sched["linear_start"]), float(sched["linear_end"]), int(sched["timesteps"]))
+            self.latent_channels = int(m.model["latent_channels"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"manifest 'model' section is incomplete: {exc}") from exc
+        self.fingerprint16 = bytes.fromhex(m.fingerprint)[: bitstream.FINGERPRINT_BYTES]
+        self.backend = backend or make_backend(self.cfg.backend, m, self.directory, self.cfg)
+
+    # ---------------------------------------------------------------- encode
+    def encode(self, image: np.ndarray, **overrides: object) -> EncodeResult:
+        """Compress an (H, W, 3) uint8 RGB image. ``overrides`` change RuntimeConfig fields
+        for this call (container, coder_format, sampler, steps, seed)."""
+        cfg = self.cfg.with_(**overrides)
+        if cfg.container == "reference" and cfg.coder_format != "compat":
+            raise ValueError("the reference container holds compat-format rANS streams only; use the native container")
+        timings = Timings()
+        h, w = image.shape[:2]
+        padded = pad_image(image)
+        x = image_to_input(padded)
+        with timings.stage("image_encoder"):
+            out = self.backend.run("image_encoder", {"image": x})
+        y, z = out["y"], out["z"]
+        with timings.stage("latent_coding"):
+            z_string, z_hat = encode_z(z[0], self.bottleneck, cfg.coder_format)
+            hyper_params = self._hyper(z_hat)[0]
+            enc = YEncoder(self.gaussian, cfg.coder_format)
+
+            def code_half(scales: np.ndarray, means: np.ndarray, half: str, c0: int, c1: int) -> np.ndarray:
+                return enc.encode_half(y[0, c0:c1], scales, means, half)
+
+            code_slices(self.backend.run, hyper_params, self.slice_ch, code_half)
+            y_string = enc.finish()
+        stream = Stream(
+            y=y_string, z=z_string, padded_hw=padded.shape[:2], original_hw=(h, w),
+            coder_format=cfg.coder_format, sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed,
+            fingerprint=self.fingerprint16, container=cfg.container,
+        )
+        data = bitstream.pack(stream)
+        return EncodeResult(data=data, stream=stream, bpp=len(data) * 8.0 / (h * w), timings=timings)
+
+    def _hyper(self, z_hat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self.backend.run("hyper_decoder", {"z_hat": np.ascontiguousarray(z_hat[None], np.float32)})
+        return out["hyper_params"], out["f_c"]
+
+    # ---------------------------------------------------------------- decode
+    def parse(self, data: bytes) -> Stream:
+        """Unpack a stream and check that it belongs to these artifacts."""
+        stream = bitstream.unpack(data)
+        if stream.fingerprint is not None and stream.fingerprint != self.fingerprint16:
+            raise BitstreamError(
+                f"stream was encoded with another model (fingerprint {stream.fingerprint.hex()}, "
+                f"these artifacts are {self.fingerprint16.hex()})"
+            )
+        if stream.entropy_path != "reference":
+            raise BitstreamError(f"entropy path {stream.entropy_path!r} is not supported by these artifacts")
+        return stream
+
+    def decode_latent(self, stream: Stream, timings: Timings | None = None) -> np.ndarray:
+        """Entropy-decode a stream and run the content decoder; returns c_latent (1, C, h/8, w/8)."""
+        timings = timings or Timings()
+        with timings.stage("latent_decoding"):
+            z_hat = decode_z(stream.z, self.bottleneck, stream.z_hw, stream.coder_format)
+            hyper_params, f_c = self._hyper(z_hat)
+            dec = YDecoder(stream.y, self.gaussian, stream.coder_format)
+
+            def code_half(scales: np.ndarray, means: np.ndarray, half: str, c0: int, c1: int) -> np.ndarray:
+                return dec.decode_half(scales, means, half)
+
+            y_hat = code_slices(self.backend.run, hyper_params, self.slice_ch, code_half)
+            dec.finish()
+        with timings.stage("content_decoder"):
+            return self.backend.run("content_decoder", {"y_hat": y_hat, "f_c": f_c})["c_latent"]
+
+    def sample(self, c_latent: np.ndarray, sampler_name: str, steps: int, noise: NoiseSource,
+               timings: Timings | None = None, on_step: StepCallback | None = None) -> np.ndarray:
+        """The denoising loop (control + UNet per step, then the sampler update)."""
+        timings = timings or Timings()
+        sampler = make_sampler(sampler_name, steps, self.schedule)
+        shape = (1, self.latent_channels) + c_latent.shape[2:]
+        noise.check(sampler, shape)
+        x_T = noise.initial(shape)
+        n = len(sampler.timesteps)
+
+        def model_fn(x: np.ndarray, t: int) -> np.ndarray:
+            return self.backend.run("control_unet", {
+                "x_t": x, "t": np.array([t], np.float32), "c_latent": c_latent,
+            })["eps"]
+
+        def callback(i: int, t: int, x_next: np.ndarray, eps: np.ndarray) -> None:
+            if on_step is not None:
+                on_step(i, n)
+
+        with timings.stage("denoise"):
+            denoise = getattr(self.backend, "denoise", None)
+            if denoise is not None:  # backends with a fused step (CUDA graph) take the whole loop
+                return denoise(sampler, x_T, c_latent, noise, callback)
+            return run(sampler, x_T, model_fn, noise, callback)
+
+    def decode(self, data: bytes, *, sampler: str | None = None, steps: int | None = None,
+               noise: NoiseSource | None = None, crop_hw: tuple[int, int] | None = None,
+               on_step: StepCallback | None = None) -> DecodeResult:
+        """Decompress a stream to an image. Sampler, steps and seed come from the stream
+        (native container) unless given; the reference container uses the config's."""
+        timings = Timings()
+        with timings.stage("parse"):
+            stream = self.parse(data)
+        c_latent = self.decode_latent(stream, timings)
+        sampler_name = sampler or stream.sampler or self.cfg.sampler
+        n_steps = steps or stream.steps or self.cfg.steps
+        seed = stream.seed if stream.seed is not None else self.cfg.seed
+        samples = self.sample(c_latent, sampler_name, n_steps, noise or GaussianNoise(seed), timings, on_step)
+        with timings.stage("vae_decoder"):
+            decoded = self.backend.run("vae_decoder", {"latent": samples})["decoded"]
+        image = to_uint8_image(decoded)
+        oh, ow = crop_hw or stream.original_hw or image.shape[:2]
+        return DecodeResult(image=np.ascontiguousarray(image[:oh, :ow]), c_latent=c_latent, samples=samples,
+                            decoded=decoded, stream=stream, timings=timings)
+
+    def close(self) -> None:
+        self.backend.close()
