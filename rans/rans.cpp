@@ -50,12 +50,11 @@ inline bool fits_int32(float r) {  // false for NaN / inf / out of range
 
 EncSym make_enc_sym(uint32_t start, uint32_t freq) {
   EncSym e{};
-  e.freq = freq;
   if (freq == 0) {
-    e.cmpl = kProbScale;  // marks "cannot be coded"
+    e.zero = 1;  // never coded; x_max() = 0 is harmless
     return e;
   }
-  e.cmpl = kProbScale - freq;
+  e.cmpl = static_cast<uint16_t>(kProbScale - freq);  // 0 for freq 65536
   if (freq == 1) {
     e.rcp = ~0ull;
     e.shift = 0;
@@ -65,7 +64,7 @@ EncSym make_enc_sym(uint32_t start, uint32_t freq) {
     while (freq > (1u << shift)) ++shift;
     const unsigned __int128 num = (static_cast<unsigned __int128>(1) << (shift + 63)) + freq - 1;
     e.rcp = static_cast<uint64_t>(num / freq);
-    e.shift = shift - 1;
+    e.shift = static_cast<uint8_t>(shift - 1);
     e.bias = start;
   }
   return e;
@@ -81,11 +80,11 @@ struct WordOut {
 };
 
 inline void enc_put(uint64_t& x, const EncSym& e, WordOut& out) {
-  const uint64_t x_max = static_cast<uint64_t>(e.freq) << 47;  // ((L >> 16) << 32) * freq
-  if (x >= x_max) {
-    out.w[out.n++] = static_cast<uint32_t>(x);
-    x >>= 32;
-  }
+  // branchless renormalisation: x_max = ((L >> 16) << 32) * freq
+  const bool emit = x >= e.x_max();
+  out.w[out.n] = static_cast<uint32_t>(x);
+  out.n += emit;
+  x = emit ? (x >> 32) : x;
   const uint64_t q = mulhi64(x, e.rcp) >> e.shift;
   x += e.bias + q * e.cmpl;
 }
@@ -222,7 +221,43 @@ Tables::Tables(const int32_t* cdf, size_t rows, size_t width, const int32_t* len
     while (thr_size_ < rows) thr_size_ <<= 1;
     thresholds_.assign(thr_size_, std::numeric_limits<float>::infinity());
     for (size_t k = 0; k + 1 < rows; ++k) thresholds_[k] = scale_table[k];
+    build_index_lut();
   }
+}
+
+void Tables::build_index_lut() {
+  lut_n_ = 0;
+  const size_t nt = rows_ - 1;  // thresholds table[0 .. rows-2]
+  if (nt == 0) {                // one row: every index is 0
+    lut_base_bits_ = 0;
+    lut_shift_ = 31;
+    lut_n_ = 1;
+    lut_thr_.assign(1, 0xFFFFFFFFu);
+    lut_count_.assign(1, 0);
+    return;
+  }
+  std::vector<uint32_t> bits(nt);
+  for (size_t k = 0; k < nt; ++k) std::memcpy(&bits[k], &scale_table_[k], 4);
+  uint32_t min_gap = 0xFFFFFFFFu;
+  for (size_t k = 1; k < nt; ++k) min_gap = std::min(min_gap, bits[k] - bits[k - 1]);
+  uint32_t shift = 0;
+  while (shift < 31 && (2ull << shift) <= min_gap) ++shift;  // 2^shift <= min_gap
+  const uint64_t nb = ((static_cast<uint64_t>(bits[nt - 1]) - bits[0]) >> shift) + 2;
+  if (nb > (1u << 16)) return;  // thresholds too dense: binary search
+  lut_base_bits_ = bits[0];
+  lut_shift_ = shift;
+  lut_thr_.assign(nb, 0xFFFFFFFFu);
+  lut_count_.assign(nb, 0);
+  size_t k = 0;
+  for (uint64_t b = 0; b < nb; ++b) {
+    const uint64_t lo = static_cast<uint64_t>(bits[0]) + (b << shift);
+    const uint64_t hi = lo + (1ull << shift);
+    while (k < nt && bits[k] < lo) ++k;
+    lut_count_[b] = static_cast<int32_t>(k);
+    if (k < nt && bits[k] < hi) lut_thr_[b] = bits[k];
+    if (k + 1 < nt && bits[k + 1] < hi) return;  // cannot happen (gap >= 2^shift); be safe
+  }
+  lut_n_ = static_cast<uint32_t>(nb);
 }
 
 // ============================================================ compat encode
@@ -244,11 +279,11 @@ std::vector<uint8_t> encode_compat(const Tables& t, const int32_t* sym, const in
     out.ensure(2 * kMaxEscapeChunks + 4);
     if (v >= 0 && v < e) {
       const EncSym& es = row[v];
-      if (es.freq == 0) throw_zero_freq(i, sym[i], id);
+      if (es.zero) throw_zero_freq(i, sym[i], id);
       enc_put(x, es, out);
     } else {
       const EncSym& es = row[e];
-      if (es.freq == 0) throw_zero_freq(i, sym[i], id);
+      if (es.zero) throw_zero_freq(i, sym[i], id);
       const uint64_t raw = escape_raw(v, e);
       int m = 0;
       while (m < 16 && (raw >> (4 * m)) != 0) ++m;
@@ -294,9 +329,8 @@ std::vector<uint8_t> encode_native(const Tables& t, const int32_t* sym, const in
       es = row + e;
       esc.push_back(escape_raw(v, e));
     }
-    if (__builtin_expect(es->freq == 0, 0)) throw_zero_freq(i, sym[i], id);
-    const uint64_t x_max = static_cast<uint64_t>(es->freq) << 47;
-    const bool emit = xs >= x_max;
+    if (__builtin_expect(es->zero, 0)) throw_zero_freq(i, sym[i], id);
+    const bool emit = xs >= es->x_max();
     wp[nw] = static_cast<uint32_t>(xs);
     nw += emit;
     uint64_t xx = emit ? (xs >> 32) : xs;
@@ -445,7 +479,14 @@ void Decoder::decode_compat(const int32_t* indexes, size_t n, int32_t* out) {
       const uint32_t b = cdf[s];
       const uint32_t f = cdf[s + 1] - b;
       x = f * (x >> kPrecision) + slot - b;
-      refill(i);
+      {  // branchless refill (words_ is zero padded); bounds checked right after
+        const bool need = x < kRansL;
+        const uint64_t w = words[pos];
+        x = need ? ((x << 32) | w) : x;
+        pos += need;
+        if (__builtin_expect(pos > nwords, 0))
+          throw Error("truncated stream: ran out of data at element " + std::to_string(i));
+      }
       const uint32_t e = static_cast<uint32_t>(t.length_[id] - 2);
       if (s < e) {
         const int64_t o = static_cast<int64_t>(s) + t.offset_[id];

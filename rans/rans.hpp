@@ -14,6 +14,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -44,10 +45,12 @@ constexpr int kBucketShift = kPrecision - kBucketBits;
 struct EncSym {
   uint64_t rcp;
   uint32_t bias;
-  uint32_t cmpl;   // 65536 - freq
-  uint32_t shift;
-  uint32_t freq;
+  uint16_t cmpl;   // 65536 - freq (freq 1..65536)
+  uint8_t shift;
+  uint8_t zero;    // 1: zero-frequency symbol, cannot be coded
+  uint64_t x_max() const { return static_cast<uint64_t>(kProbScale - cmpl) << 47; }
 };
+static_assert(sizeof(EncSym) == 16, "EncSym must stay 16 bytes");
 
 /// A validated set of quantized CDF rows (GaussianConditional or EntropyBottleneck),
 /// optionally with the float32 scale table used to compute indexes.
@@ -64,9 +67,19 @@ class Tables {
   const std::vector<float>& scale_table() const { return scale_table_; }
 
   // --- internals used by the coders (public for speed / tests) ---
-  /// Index of the given (clamped) scale: #{k < rows-1 : table[k] < s}.
+  /// Index of the given clamped scale (s >= 0.11 or +inf, never NaN):
+  /// #{k < rows-1 : table[k] < s}.  Positive floats compare like their bit patterns,
+  /// so a small bucket table over the bit patterns (at most one threshold per bucket)
+  /// gives the exact count with two loads; binary search is the fallback.
   inline int32_t scale_index(float s) const {
-    // branchless lower bound on a power-of-two padded threshold array
+    if (lut_n_ != 0) {
+      uint32_t u;
+      std::memcpy(&u, &s, sizeof u);
+      const int64_t d = static_cast<int64_t>(u) - static_cast<int64_t>(lut_base_bits_);
+      int64_t b = d < 0 ? 0 : (d >> lut_shift_);
+      b = b < static_cast<int64_t>(lut_n_) ? b : static_cast<int64_t>(lut_n_) - 1;
+      return lut_count_[b] + static_cast<int32_t>(lut_thr_[b] < u);
+    }
     const float* t = thresholds_.data();
     uint32_t pos = 0;
     for (uint32_t step = thr_size_ >> 1; step > 0; step >>= 1) {
@@ -84,8 +97,13 @@ class Tables {
   std::vector<float> scale_table_;
   std::vector<float> thresholds_;    // padded to thr_size_ with +inf
   uint32_t thr_size_ = 1;
+  // bit-pattern bucket table for scale_index (lut_n_ == 0: not usable, binary search)
+  std::vector<uint32_t> lut_thr_;
+  std::vector<int32_t> lut_count_;
+  uint32_t lut_base_bits_ = 0, lut_shift_ = 0, lut_n_ = 0;
 
  private:
+  void build_index_lut();
   size_t rows_ = 0, width_ = 0;
 };
 
