@@ -199,14 +199,14 @@ NB_MODULE(_rans, m) {
              }
              return to_bytes(out);
            })
-      .def_prop_ro("size", [](const rans::YEncoder& e) { return e.symbols().size(); })
+      .def_prop_ro("size", [](const rans::YEncoder& e) { return e.size(); })
       .def("symbols",
            [](const rans::YEncoder& e) {
-             auto* v = new std::vector<int32_t>(e.symbols());
+             auto* v = new std::vector<int32_t>(e.symbols(), e.symbols() + e.size());
              return to_numpy(v, {v->size()});
            })
       .def("indexes", [](const rans::YEncoder& e) {
-        auto* v = new std::vector<int32_t>(e.indexes());
+        auto* v = new std::vector<int32_t>(e.indexes(), e.indexes() + e.size());
         return to_numpy(v, {v->size()});
       });
 

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <mutex>
 
 namespace rans {
 
@@ -72,10 +73,14 @@ EncSym make_enc_sym(uint32_t start, uint32_t freq) {
 
 // ------------------------------------------------------------ encoder steps
 struct WordOut {
-  std::vector<uint32_t> w;  // emitted in encoder order; reversed at the end
+  Buf<uint32_t> buf;  // emitted in encoder order; reversed at the end
+  uint32_t* w = nullptr;
   size_t n = 0;
   void ensure(size_t extra) {
-    if (w.size() - n < extra) w.resize(std::max(w.size() * 2, n + extra + 64));
+    if (buf.capacity() - n < extra || w == nullptr) {
+      buf.reserve(n + extra + 64);
+      w = buf.data();
+    }
   }
 };
 
@@ -152,6 +157,48 @@ struct BitWriter {
 };
 
 }  // namespace
+
+// =============================================================== buffer pool
+namespace {
+template <class T>
+struct Pool {
+  std::mutex m;
+  std::vector<std::vector<T>> free;
+};
+template <class T>
+Pool<T>& pool() {
+  static Pool<T>* p = new Pool<T>();  // leaked on purpose: no destruction-order issues
+  return *p;
+}
+constexpr size_t kPoolMaxBuffers = 8;
+constexpr size_t kPoolMaxBytes = size_t(64) << 20;
+}  // namespace
+
+template <class T>
+Buf<T>::Buf() {
+  Pool<T>& p = pool<T>();
+  std::lock_guard<std::mutex> lock(p.m);
+  if (!p.free.empty()) {
+    v_ = std::move(p.free.back());
+    p.free.pop_back();
+  }
+}
+
+template <class T>
+Buf<T>::~Buf() {
+  if (v_.empty() || v_.size() * sizeof(T) > kPoolMaxBytes) return;
+  Pool<T>& p = pool<T>();
+  std::lock_guard<std::mutex> lock(p.m);
+  if (p.free.size() < kPoolMaxBuffers) p.free.push_back(std::move(v_));
+}
+
+template <class T>
+void Buf<T>::grow(size_t need) {
+  v_.resize(std::max(need, v_.size() + v_.size() / 2));
+}
+
+template class Buf<int32_t>;
+template class Buf<uint32_t>;
 
 // ================================================================== Tables
 Tables::Tables(const int32_t* cdf, size_t rows, size_t width, const int32_t* lengths,
@@ -266,7 +313,7 @@ namespace {
 std::vector<uint8_t> encode_compat(const Tables& t, const int32_t* sym, const int32_t* idx,
                                    size_t n) {
   WordOut out;
-  out.w.resize(n + 64);
+  out.ensure(n + 64);
   uint64_t x = kRansL;
   const size_t rows = t.rows();
   const EncSym* enc = t.enc_.data();
@@ -304,7 +351,8 @@ std::vector<uint8_t> encode_compat(const Tables& t, const int32_t* sym, const in
 std::vector<uint8_t> encode_native(const Tables& t, const int32_t* sym, const int32_t* idx,
                                    size_t n) {
   constexpr int NL = kNativeLanes;
-  std::vector<uint32_t> words(n + 8);
+  Buf<uint32_t> words;
+  words.reserve(n + 8);
   size_t nw = 0;
   std::vector<uint64_t> esc;  // escape raws in encoder (reverse) order
   uint64_t x[NL];
@@ -363,7 +411,7 @@ std::vector<uint8_t> encode_native(const Tables& t, const int32_t* sym, const in
   store_le32(bytes.data() + 4, static_cast<uint32_t>(bw.bytes.size()));
   for (int l = 0; l < NL; ++l) store_le64(bytes.data() + 8 + 8 * l, x[l]);
   uint8_t* p = bytes.data() + hdr;
-  for (size_t k = nw; k-- > 0; p += 4) store_le32(p, words[k]);
+  for (size_t k = nw; k-- > 0; p += 4) store_le32(p, wp[k]);
   if (!bw.bytes.empty()) std::memcpy(p, bw.bytes.data(), bw.bytes.size());
   return bytes;
 }
@@ -389,8 +437,7 @@ Decoder::Decoder(TablesPtr tables, Format fmt, const uint8_t* data, size_t size)
     x_[0] = load_le64(data);
     if (x_[0] < kRansL || x_[0] >= kStateMax) throw Error("compat stream: invalid initial state");
     nwords_ = (size - 8) / 4;
-    words_.assign(nwords_ + kWordPad, 0u);
-    for (size_t k = 0; k < nwords_; ++k) words_[k] = load_le32(data + 8 + 4 * k);
+    load_words(data + 8);
   } else {
     constexpr int NL = kNativeLanes;
     const size_t hdr = 8 + 8 * NL;
@@ -409,10 +456,16 @@ Decoder::Decoder(TablesPtr tables, Format fmt, const uint8_t* data, size_t size)
       if (x_[l] < kRansL || x_[l] >= kStateMax) throw Error("native stream: invalid initial state");
     }
     nwords_ = wbytes / 4;
-    words_.assign(nwords_ + kWordPad, 0u);
-    for (size_t k = 0; k < nwords_; ++k) words_[k] = load_le32(data + hdr + 4 * k);
+    load_words(data + hdr);
     raw_.assign(data + hdr + wbytes, data + size);
   }
+}
+
+void Decoder::load_words(const uint8_t* p) {
+  words_.reserve(nwords_ + kWordPad);
+  uint32_t* w = words_.data();
+  for (size_t k = 0; k < nwords_; ++k) w[k] = load_le32(p + 4 * k);
+  for (size_t k = 0; k < kWordPad; ++k) w[nwords_ + k] = 0;
 }
 
 void Decoder::fail(const std::string& msg) {
@@ -755,21 +808,15 @@ YEncoder::YEncoder(TablesPtr tables, Format fmt) : t_(std::move(tables)), fmt_(f
 void YEncoder::encode_half(const float* y, const float* scales, const float* means, size_t C,
                            size_t H, size_t W, Half half, float* y_hat) {
   const size_t n = half_size(C, H, W);
-  const size_t old = symbols_.size();
-  symbols_.resize(old + n);
-  indexes_.resize(old + n);
-  try {
-    gaussian_symbols(*t_, y, scales, means, C, H, W, half, symbols_.data() + old,
-                     indexes_.data() + old, y_hat);
-  } catch (...) {
-    symbols_.resize(old);
-    indexes_.resize(old);
-    throw;
-  }
+  symbols_.reserve(n_ + n);
+  indexes_.reserve(n_ + n);
+  gaussian_symbols(*t_, y, scales, means, C, H, W, half, symbols_.data() + n_,
+                   indexes_.data() + n_, y_hat);
+  n_ += n;  // only after success: a failed half leaves nothing behind
 }
 
 std::vector<uint8_t> YEncoder::finish() {
-  return encode_with_indexes(*t_, fmt_, symbols_.data(), indexes_.data(), symbols_.size());
+  return encode_with_indexes(*t_, fmt_, symbols_.data(), indexes_.data(), n_);
 }
 
 YDecoder::YDecoder(TablesPtr tables, Format fmt, const uint8_t* data, size_t size)
@@ -780,8 +827,8 @@ YDecoder::YDecoder(TablesPtr tables, Format fmt, const uint8_t* data, size_t siz
 void YDecoder::decode_half(const float* scales, const float* means, size_t C, size_t H, size_t W,
                            Half half, float* y_hat) {
   const size_t n = half_size(C, H, W);
-  idx_.resize(n);
-  sym_.resize(n);
+  idx_.reserve(n);
+  sym_.reserve(n);
   gaussian_indexes(*t_, scales, C, H, W, half, idx_.data());
   dec_.decode(idx_.data(), n, sym_.data());
   gaussian_dequantize(sym_.data(), means, C, H, W, half, y_hat);
