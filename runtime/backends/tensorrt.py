@@ -1,0 +1,725 @@
+"""TensorRT backend: runs the ``.plan`` engines recorded in the manifest on an NVIDIA GPU.
+
+This module owns:
+
+* the engine compatibility rules (:func:`check_engine_compat`: same TensorRT flavour
+  and version, same GPU model or compute capability, same model fingerprint),
+* device-buffer planning (:func:`plan_buffers`, :class:`Arena`): one arena per engine
+  context, sized from the actual shapes, reused while images keep the same size and
+  grown (freed, then reallocated) only when a larger one arrives,
+* the CUDA-graph denoising loop (:meth:`TrtBackend.denoise`, :class:`GraphCache`), and
+* the per-step sampler table layout (:func:`step_table`) shared with
+  ``export/build_engines.py``, which builds the matching ``sampler_step_<kind>`` engine.
+
+Networks with no engine (the entropy-parsing networks: hyper decoder and context model,
+which must compute bit-identical floats on both sides and therefore stay FP32) are
+delegated to a composed :class:`~runtime.backends.onnxruntime.OrtBackend`.
+
+Device memory, streams and graphs use **cuda-python** (``cuda.bindings.runtime``, or
+``cuda.cudart`` in older releases) rather than pycuda or torch: it is NVIDIA's thin,
+1:1 binding of the CUDA runtime API, a small wheel with no compiler or torch dependency,
+and it exposes stream capture and graph instantiate/launch, which the denoising loop
+needs. The runtime thus stays numpy + TensorRT + cuda-python.
+
+Denoising with CUDA graphs: one step = ``control_unet`` + ``sampler_step_<kind>``.
+The sampler-step engine reads step i's coefficients, timestep and (DDPM) noise from
+device tables by an int32 index buffer and writes the next latent, the next index and
+the next timestep. TensorRT does not allow an engine to write an input buffer, so the
+latent and the index ping-pong between two buffers and two graphs are captured (A reads
+x_a/idx_a and writes x_b/idx_b, B the reverse); step i replays graph ``i % 2``. All
+tables and the DDPM noise of every step are uploaded once per image, the only host
+synchronisation per image is the final copy of the latent back.
+
+``tensorrt``/``tensorrt_rtx`` and cuda-python are imported lazily, so the pure helpers
+here import and are tested on machines with neither. Everything that touches a GPU is
+UNVERIFIED in this repository's CI (no GPU there): see docs/tensorrt.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Hashable, Mapping, Sequence
+
+import numpy as np
+
+from ..config import RuntimeConfig
+from ..manifest import MANIFEST_NAME, EngineEntry, Manifest, ManifestError, verify_file
+
+log = logging.getLogger(__name__)
+
+ALIGNMENT = 256  # cudaMalloc alignment; TensorRT wants >= 16 bytes, 256 keeps every tensor coalesced
+SAMPLER_STEP_PREFIX = "sampler_step_"
+DENOISE_NETWORK = "control_unet"
+
+# Per-step coefficient columns of the sampler-step engine, in table order. They are the
+# float32 scalars of runtime.sampler's ``coefficients(i)`` (DDPM: the noise scale is the
+# float32 product noise_mask * sqrt_variance, computed first exactly as torch associates it).
+STEP_COEF_KEYS: dict[str, tuple[str, ...]] = {
+    "ddpm": ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+             "posterior_mean_coef1", "posterior_mean_coef2", "noise_scale"),
+    "ddim": ("sqrt_one_minus_a_t", "sqrt_a_t", "sqrt_a_prev", "dir_coef"),
+}
+
+
+class EngineCompatError(ManifestError):
+    """An engine cannot run here (other TensorRT version, other GPU, other model)."""
+
+
+class NonFiniteOutputError(RuntimeError):
+    """An engine produced NaN or Inf (typically FP16 overflow)."""
+
+
+# --------------------------------------------------------------------------- compatibility
+
+
+def trt_version_string(module_name: str, version: str) -> str:
+    """How an engine's TensorRT is recorded: ``"<module>-<version>"`` (e.g. ``tensorrt-10.13.0.35``).
+
+    The flavour matters: a TensorRT-RTX plan does not load in TensorRT and vice versa."""
+    return f"{module_name}-{version}"
+
+
+def _split_version(s: str) -> tuple[str, tuple[int, ...]]:
+    m = re.fullmatch(r"(?:(tensorrt(?:_rtx)?)-)?(\d+(?:\.\d+)*)(?:\S*)", s.strip())
+    if not m:
+        raise EngineCompatError(f"unrecognised TensorRT version string {s!r}")
+    flavour = m.group(1) or "tensorrt"
+    return flavour, tuple(int(p) for p in m.group(2).split("."))
+
+
+def normalize_cc(cc: str | int | tuple[int, int]) -> str:
+    """Compute capability as ``"major.minor"`` from "8.9", "89", "sm_89", "SM89", 89 or (8, 9)."""
+    if isinstance(cc, tuple):
+        return f"{int(cc[0])}.{int(cc[1])}"
+    s = str(cc).strip().lower().removeprefix("sm_").removeprefix("sm")
+    if re.fullmatch(r"\d+\.\d+", s):
+        major, minor = s.split(".")
+        return f"{int(major)}.{int(minor)}"
+    if re.fullmatch(r"\d{2,3}", s):
+        return f"{int(s[:-1])}.{int(s[-1])}"
+    raise ValueError(f"unrecognised compute capability {cc!r} (expected e.g. '8.9' or '89')")
+
+
+def check_engine_compat(entry: EngineEntry, runtime_trt_version: str, gpu_name: str, cc: str,
+                        fingerprint: str | None = None, engine_fingerprint: str | None = None,
+                        allow_other_gpu: bool = False) -> None:
+    """Raise :class:`EngineCompatError` if ``entry`` cannot run on this runtime and GPU.
+
+    * TensorRT flavour and major.minor.patch must equal the runtime's (plans are not
+      portable across versions; the build number may differ).
+    * Compute capability must match. An AOT engine (``gpu`` = ``"AOT:<cc>"``, built
+      without a GPU by TensorRT-RTX) is accepted on any GPU of that capability; otherwise
+      the GPU model name must match too, because tactics are timed on that model
+      (``allow_other_gpu`` turns this into a warning).
+    * ``engine_fingerprint`` (recorded at build time) must equal the artifacts'
+      ``fingerprint``: an engine left over from another export is refused.
+    """
+    what = f"engine {entry.file} ({entry.network})"
+    e_flavour, e_ver = _split_version(entry.trt_version)
+    r_flavour, r_ver = _split_version(runtime_trt_version)
+    if e_flavour != r_flavour or e_ver[:3] != r_ver[:3]:
+        raise EngineCompatError(
+            f"{what} was built with {entry.trt_version}, this runtime has {runtime_trt_version}; "
+            "rebuild the engines here (python -m export.build_engines ARTIFACTS) or use --backend ort"
+        )
+    want_cc, have_cc = normalize_cc(entry.compute_capability), normalize_cc(cc)
+    if want_cc != have_cc:
+        raise EngineCompatError(
+            f"{what} was built for compute capability {want_cc} ({entry.gpu}), this GPU ({gpu_name}) is {have_cc}; "
+            "rebuild the engines on this GPU (python -m export.build_engines ARTIFACTS) or use --backend ort"
+        )
+    if not entry.gpu.startswith("AOT:") and entry.gpu.strip() != gpu_name.strip():
+        msg = (f"{what} was built on {entry.gpu!r}, this GPU is {gpu_name!r} (same compute capability {have_cc}); "
+               "rebuild the engines on this GPU for tuned tactics")
+        if not allow_other_gpu:
+            raise EngineCompatError(msg + ", or allow it explicitly (allow_other_gpu=True)")
+        log.warning("%s", msg)
+    if fingerprint is not None and engine_fingerprint is not None and engine_fingerprint != fingerprint:
+        raise EngineCompatError(
+            f"{what} was built from a model with fingerprint {engine_fingerprint[:16]}..., these artifacts are "
+            f"{fingerprint[:16]}...; the engines are stale: rebuild them (python -m export.build_engines ARTIFACTS)"
+        )
+
+
+# --------------------------------------------------------------------------- buffer planning
+
+
+@dataclass(frozen=True)
+class TensorIO:
+    """One engine I/O tensor: name, numpy dtype name, shape (-1 for dynamic axes)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    is_input: bool
+
+
+@dataclass(frozen=True)
+class BufferPlan:
+    """Byte sizes and arena offsets of every tensor for one set of concrete shapes."""
+
+    shapes: Mapping[str, tuple[int, ...]]
+    sizes: Mapping[str, int]
+    offsets: Mapping[str, int]
+    total: int
+
+
+def _align(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
+def plan_buffers(io_specs: Sequence[TensorIO], shapes: Mapping[str, Sequence[int]],
+                 profile: Mapping[str, tuple[Sequence[int], Sequence[int], Sequence[int]]] | None = None,
+                 alignment: int = ALIGNMENT) -> BufferPlan:
+    """Lay every tensor of ``io_specs`` out in one arena for the given concrete ``shapes``.
+
+    Checks that each shape has the spec's rank, agrees with its static dims and (inputs,
+    with ``profile`` given as name -> (min, opt, max) shapes) lies inside the profile.
+    Each tensor starts at a multiple of ``alignment``; a zero-size tensor still gets its
+    own (empty) slot so every tensor has a distinct valid address.
+    """
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise ValueError(f"alignment must be a power of two, got {alignment}")
+    sizes: dict[str, int] = {}
+    offsets: dict[str, int] = {}
+    out_shapes: dict[str, tuple[int, ...]] = {}
+    cursor = 0
+    for spec in io_specs:
+        if spec.name not in shapes:
+            raise ValueError(f"no shape given for tensor {spec.name!r}")
+        shape = tuple(int(d) for d in shapes[spec.name])
+        if len(shape) != len(spec.shape):
+            raise ValueError(f"{spec.name}: shape {shape} has rank {len(shape)}, the engine expects {spec.shape}")
+        for k, (got, want) in enumerate(zip(shape, spec.shape)):
+            if got < 0:
+                raise ValueError(f"{spec.name}: axis {k} is unresolved ({shape})")
+            if want >= 0 and got != want:
+                raise ValueError(f"{spec.name}: shape {shape} does not match the engine's static shape {spec.shape}")
+        if profile is not None and spec.is_input and spec.name in profile:
+            lo, _, hi = profile[spec.name]
+            if any(not (a <= g <= b) for g, a, b in zip(shape, lo, hi)):
+                raise ValueError(
+                    f"{spec.name}: shape {shape} is outside the engine profile {tuple(lo)}..{tuple(hi)}; "
+                    "rebuild the engines with a larger --max (or smaller --min), or use --backend ort"
+                )
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(spec.dtype).itemsize
+        offsets[spec.name] = cursor
+        sizes[spec.name] = nbytes
+        out_shapes[spec.name] = shape
+        cursor += _align(max(nbytes, 1), alignment)
+    return BufferPlan(out_shapes, sizes, offsets, cursor)
+
+
+class Arena:
+    """One device allocation reused across calls; grows (free + alloc) only when too small.
+
+    ``alloc(nbytes) -> ptr`` and ``free(ptr)`` are injected so the bookkeeping is testable
+    without a GPU. Growth rounds up to 1 MiB to avoid reallocations for small increases.
+    """
+
+    GRANULE = 1 << 20
+
+    def __init__(self, alloc: Callable[[int], int], free: Callable[[int], None]) -> None:
+        self._alloc, self._free = alloc, free
+        self.ptr = 0
+        self.capacity = 0
+        self.allocations = 0
+
+    def ensure(self, nbytes: int) -> int:
+        if nbytes > self.capacity:
+            self.release()
+            cap = _align(max(nbytes, 1), self.GRANULE)
+            self.ptr = self._alloc(cap)
+            self.capacity = cap
+            self.allocations += 1
+        return self.ptr
+
+    def addresses(self, plan: BufferPlan) -> dict[str, int]:
+        base = self.ensure(plan.total)
+        return {name: base + off for name, off in plan.offsets.items()}
+
+    def release(self) -> None:
+        if self.ptr:
+            self._free(self.ptr)
+        self.ptr, self.capacity = 0, 0
+
+
+# --------------------------------------------------------------------------- graph cache
+
+
+@dataclass
+class GraphRecord:
+    """A captured graph (or pair) and whatever must live as long as it (buffers, contexts)."""
+
+    graph: Any
+    resources: Any = None
+    replays: int = 0
+
+
+class GraphCache:
+    """Captured CUDA graphs keyed by (network, shapes), least recently used evicted first.
+
+    ``capture()`` is only called on a miss; ``destroy(record)`` on eviction and ``clear``.
+    Capture and replay counters make the bookkeeping observable (and unit-testable).
+    """
+
+    def __init__(self, destroy: Callable[[GraphRecord], None], max_entries: int = 2) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be >= 1")
+        self._destroy = destroy
+        self.max_entries = max_entries
+        self._entries: OrderedDict[Hashable, GraphRecord] = OrderedDict()
+        self.captures = 0
+        self.hits = 0
+
+    @staticmethod
+    def key(network: str, shapes: Mapping[str, Sequence[int]], *extra: Hashable) -> tuple:
+        return (network, tuple(sorted((k, tuple(int(d) for d in v)) for k, v in shapes.items())), *extra)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Hashable, capture: Callable[[], GraphRecord]) -> GraphRecord:
+        rec = self._entries.get(key)
+        if rec is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return rec
+        while len(self._entries) >= self.max_entries:
+            _, old = self._entries.popitem(last=False)
+            self._destroy(old)
+        rec = capture()
+        self.captures += 1
+        self._entries[key] = rec
+        return rec
+
+    def replay(self, key: Hashable, launch: Callable[[Any], None]) -> None:
+        rec = self._entries[key]
+        launch(rec.graph)
+        rec.replays += 1
+
+    def clear(self) -> None:
+        while self._entries:
+            _, rec = self._entries.popitem(last=False)
+            self._destroy(rec)
+
+
+# --------------------------------------------------------------------------- sampler tables
+
+
+def sampler_kind(sampler: Any) -> str:
+    name = str(getattr(sampler, "name", "")).lower()
+    if name not in STEP_COEF_KEYS:
+        raise ValueError(f"no sampler-step engine layout for sampler {name!r}; known: {sorted(STEP_COEF_KEYS)}")
+    return name
+
+
+def step_table(sampler: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(coefs float32 [n, K], t float32 [n]) for every sampling step, in sampling order.
+
+    Row i holds the columns ``STEP_COEF_KEYS[kind]`` of ``sampler.coefficients(i)``; the
+    sampler-step engine gathers row ``idx`` so that one captured graph serves every step.
+    """
+    kind = sampler_kind(sampler)
+    n = len(sampler.timesteps)
+    coefs = np.empty((n, len(STEP_COEF_KEYS[kind])), np.float32)
+    for i in range(n):
+        c = dict(sampler.coefficients(i))
+        if kind == "ddpm":
+            c["noise_scale"] = np.float32(np.float32(c["noise_mask"]) * np.float32(c["sqrt_variance"]))
+        coefs[i] = [np.float32(c[k]) for k in STEP_COEF_KEYS[kind]]
+    t = np.asarray(sampler.timesteps, dtype=np.float32).copy()
+    return coefs, t
+
+
+def check_finite(network: str, name: str, array: np.ndarray, precision: str) -> None:
+    """Raise :class:`NonFiniteOutputError` with a remedy if ``array`` holds NaN/Inf."""
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        hint = ("FP16 overflow is the usual cause: rebuild this engine in FP32 "
+                "(python -m export.build_engines ARTIFACTS --networks %s, without --fp16) or decode with "
+                "--backend ort" % network) if precision == "fp16" else "check the inputs and the artifacts"
+        raise NonFiniteOutputError(f"{network}: output {name!r} has {bad} non-finite values ({precision} engine); {hint}")
+
+
+# --------------------------------------------------------------------------- device layer (GPU only)
+
+
+def import_tensorrt(prefer: str | None = None) -> Any:
+    """The TensorRT module: ``prefer`` ("tensorrt"/"tensorrt_rtx") first, then the other."""
+    import importlib
+
+    order = [prefer] if prefer else []
+    order += [m for m in ("tensorrt", "tensorrt_rtx") if m not in order]
+    errors = []
+    for name in order:
+        try:
+            return importlib.import_module(name)
+        except ImportError as exc:
+            errors.append(f"{name}: {exc}")
+    raise ImportError("TensorRT is not installed (pip install 'diffeic-runtime[gpu]'): " + "; ".join(errors))
+
+
+def import_cudart() -> Any:
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # type: ignore[no-redef]  # older cuda-python
+        except ImportError as exc:
+            raise ImportError("cuda-python is not installed (pip install 'diffeic-runtime[gpu]')") from exc
+    return cudart
+
+
+class _Cuda:
+    """The few CUDA runtime calls this backend makes, with errors turned into exceptions."""
+
+    def __init__(self) -> None:
+        self.rt = import_cudart()
+
+    def call(self, result: Any) -> Any:
+        err, *rest = result if isinstance(result, tuple) else (result,)
+        if int(err) != 0:
+            _, msg = self.rt.cudaGetErrorString(err)
+            raise RuntimeError(f"CUDA error {int(err)}: {msg.decode() if isinstance(msg, bytes) else msg}")
+        return rest[0] if len(rest) == 1 else (tuple(rest) if rest else None)
+
+    def device(self) -> tuple[str, str]:
+        dev = self.call(self.rt.cudaGetDevice())
+        prop = self.call(self.rt.cudaGetDeviceProperties(dev))
+        name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+        return name.rstrip("\x00").strip(), f"{prop.major}.{prop.minor}"
+
+    def malloc(self, n: int) -> int:
+        return int(self.call(self.rt.cudaMalloc(n)))
+
+    def free(self, ptr: int) -> None:
+        self.call(self.rt.cudaFree(ptr))
+
+    def h2d(self, dst: int, src: np.ndarray, stream: Any) -> None:
+        src = np.ascontiguousarray(src)
+        self.call(self.rt.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes,
+                                          self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
+
+    def d2h(self, dst: np.ndarray, src: int, stream: Any) -> None:
+        self.call(self.rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes,
+                                          self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
+
+    def sync(self, stream: Any) -> None:
+        self.call(self.rt.cudaStreamSynchronize(stream))
+
+
+@dataclass
+class _Engine:
+    """A deserialized engine, its default execution context and its I/O."""
+
+    entry: EngineEntry
+    engine: Any
+    context: Any
+    io: tuple[TensorIO, ...]
+    profile: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+    arena: Arena
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def inputs(self) -> list[TensorIO]:
+        return [t for t in self.io if t.is_input]
+
+    @property
+    def outputs(self) -> list[TensorIO]:
+        return [t for t in self.io if not t.is_input]
+
+
+def _engine_io(trt: Any, engine: Any) -> tuple[tuple[TensorIO, ...], dict]:
+    io, profile = [], {}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        is_in = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+        dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name
+        io.append(TensorIO(name, dtype, tuple(int(d) for d in engine.get_tensor_shape(name)), is_in))
+        if is_in:
+            lo, opt, hi = engine.get_tensor_profile_shape(name, 0)
+            profile[name] = (tuple(lo), tuple(opt), tuple(hi))
+    return tuple(io), profile
+
+
+class TrtBackend:
+    """Runs engines listed in the manifest; everything else through ONNX Runtime (FP32)."""
+
+    name = "trt"
+
+    def __init__(self, manifest: Manifest, directory: Path, cfg: RuntimeConfig,
+                 allow_other_gpu: bool = False, max_graphs: int = 2) -> None:
+        self.manifest, self.directory, self.cfg = manifest, directory, cfg
+        raw = _raw_engine_records(directory)
+        flavours = {_split_version(e.trt_version)[0] for e in manifest.engines.values()}
+        self.trt = import_tensorrt(next(iter(flavours)) if len(flavours) == 1 else None)
+        self.cuda = _Cuda()
+        self.gpu_name, self.cc = self.cuda.device()
+        self.trt_version = trt_version_string(self.trt.__name__, self.trt.__version__)
+        # Refuse incompatible engines up front, with the reason, before any decode starts.
+        for key, entry in manifest.engines.items():
+            check_engine_compat(entry, self.trt_version, self.gpu_name, self.cc, manifest.fingerprint,
+                                raw.get(key, {}).get("fingerprint"), allow_other_gpu)
+        self._logger = self.trt.Logger(self.trt.Logger.WARNING)
+        self._runtime = self.trt.Runtime(self._logger)
+        self.stream = self.cuda.call(self.cuda.rt.cudaStreamCreate())
+        self._engines: dict[str, _Engine] = {}
+        self._ort: Any = None
+        self._graphs = GraphCache(self._destroy_graph, max_graphs)
+        log.info("TensorRT %s on %s (cc %s), %d engines", self.trt_version, self.gpu_name, self.cc,
+                 len(manifest.engines))
+
+    # ---------------------------------------------------------------- engine selection
+    def _entries_for(self, network: str) -> list[tuple[str, EngineEntry]]:
+        return [(k, e) for k, e in self.manifest.engines.items() if e.network == network]
+
+    def has_engine(self, network: str) -> bool:
+        return bool(self._entries_for(network))
+
+    def has(self, network: str) -> bool:
+        return self.has_engine(network) or network in self.manifest.networks
+
+    def _engine(self, network: str, shapes: Mapping[str, Sequence[int]] | None = None) -> _Engine:
+        """The engine for ``network``; a static engine whose shapes match wins over the dynamic one."""
+        entries = self._entries_for(network)
+        chosen = None
+        for key, entry in entries:
+            if entry.static_shape:
+                eng = self._load(key, entry)
+                if shapes is not None and all(eng.profile.get(n, (None,))[0] == tuple(s) for n, s in shapes.items()
+                                              if n in eng.profile):
+                    return eng
+            elif chosen is None:
+                chosen = (key, entry)
+        if chosen is None:
+            raise ManifestError(f"no engine for {network!r} matches shapes {dict(shapes or {})}")
+        return self._load(*chosen)
+
+    def _load(self, key: str, entry: EngineEntry) -> _Engine:
+        eng = self._engines.get(key)
+        if eng is not None:
+            return eng
+        path = (verify_file(self.directory, entry.file, entry.sha256, f"engine {key}") if self.cfg.verify_hashes
+                else self.directory / entry.file)
+        engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise EngineCompatError(f"TensorRT could not deserialize {path} (see the TensorRT log above); rebuild it")
+        io, profile = _engine_io(self.trt, engine)
+        eng = _Engine(entry, engine, engine.create_execution_context(), io, profile,
+                      Arena(self.cuda.malloc, self.cuda.free))
+        self._engines[key] = eng
+        log.debug("loaded engine %s (%s, %s)", key, entry.precision, entry.file)
+        return eng
+
+    # ---------------------------------------------------------------- plain execution
+    def _bind(self, eng: _Engine, context: Any, arena: Arena,
+              input_shapes: Mapping[str, Sequence[int]]) -> tuple[BufferPlan, dict[str, int]]:
+        """Set input shapes, plan and bind every buffer; returns the plan and addresses."""
+        for t in eng.inputs:
+            if t.name not in input_shapes:
+                raise ValueError(f"{eng.entry.network}: missing input {t.name!r}")
+            context.set_input_shape(t.name, tuple(int(d) for d in input_shapes[t.name]))
+        shapes = {t.name: tuple(input_shapes[t.name]) for t in eng.inputs}
+        shapes.update({t.name: tuple(context.get_tensor_shape(t.name)) for t in eng.outputs})
+        plan = plan_buffers(eng.io, shapes, eng.profile)
+        addrs = arena.addresses(plan)
+        for name, ptr in addrs.items():
+            context.set_tensor_address(name, ptr)
+        return plan, addrs
+
+    def run(self, network: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.has_engine(network):
+            return self._fallback().run(network, inputs)
+        eng = self._engine(network, {k: v.shape for k, v in inputs.items()})
+        plan, addrs = self._bind(eng, eng.context, eng.arena, {k: v.shape for k, v in inputs.items()})
+        for t in eng.inputs:
+            self.cuda.h2d(addrs[t.name], np.ascontiguousarray(inputs[t.name], dtype=t.dtype), self.stream)
+        if not eng.context.execute_async_v3(int(self.stream)):
+            raise RuntimeError(f"{network}: TensorRT enqueue failed (see the TensorRT log)")
+        outs = {t.name: np.empty(plan.shapes[t.name], t.dtype) for t in eng.outputs}
+        for name, arr in outs.items():
+            self.cuda.d2h(arr, addrs[name], self.stream)
+        self.cuda.sync(self.stream)
+        for name, arr in outs.items():
+            check_finite(network, name, arr, eng.entry.precision)
+        return {k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in outs.items()}
+
+    def _fallback(self) -> Any:
+        if self._ort is None:
+            from .onnxruntime import OrtBackend
+
+            self._ort = OrtBackend(self.manifest, self.directory, self.cfg)
+        return self._ort
+
+    # ---------------------------------------------------------------- denoising loop
+    def denoise(self, sampler: Any, x_T: np.ndarray, c_latent: np.ndarray, noise_source: Any,
+                callback: Callable[[int, int, Any, Any], None] | None = None) -> np.ndarray:
+        """The whole sampling loop on the GPU; returns the final latent (float32, host).
+
+        Falls back to the host loop (``runtime.sampler.run``) when there is no
+        ``control_unet`` engine or no ``sampler_step_<kind>`` engine. With CUDA graphs the
+        host never sees intermediate latents, so ``callback(i, t, None, None)`` is called
+        as each step is enqueued (progress only), not when it completes.
+        """
+        from ..sampler import run as host_run
+
+        kind = sampler_kind(sampler)
+        step_net = SAMPLER_STEP_PREFIX + kind
+        if not (self.has_engine(DENOISE_NETWORK) and self.has_engine(step_net)):
+            log.info("no %s engine: denoising loop runs on the host", step_net if self.has_engine(DENOISE_NETWORK)
+                     else DENOISE_NETWORK)
+
+            def model_fn(x: np.ndarray, t: int) -> np.ndarray:
+                return self.run(DENOISE_NETWORK, {"x_t": x, "t": np.array([t], np.float32), "c_latent": c_latent})["eps"]
+
+            return host_run(sampler, x_T, model_fn, noise_source, callback)
+
+        x_T = np.ascontiguousarray(x_T, np.float32)
+        shape = tuple(x_T.shape)
+        coefs, t_table = step_table(sampler)
+        n = len(t_table)
+        noise = None
+        if sampler.needs_noise():  # every step's noise, drawn in the official order, uploaded once
+            noise_source.check(sampler, shape)
+            noise = np.stack([noise_source.step_noise(i, shape) for i in range(n)]).astype(np.float32)  # (n, 1, C, h, w)
+        key = GraphCache.key("denoise", {"x": shape, "c_latent": c_latent.shape}, kind, n)
+        rec = self._graphs.get(key, lambda: self._capture_denoise(step_net, shape, c_latent.shape, n, kind))
+        bufs = rec.resources["buffers"]
+        # Per-image state: tables, noise, conditioning, x_T, index 0, t of step 0.
+        self.cuda.h2d(bufs["coefs"], coefs, self.stream)
+        self.cuda.h2d(bufs["t_table"], t_table, self.stream)
+        if noise is not None:
+            self.cuda.h2d(bufs["noise"], noise, self.stream)
+        self.cuda.h2d(bufs["c_latent"], np.ascontiguousarray(c_latent, np.float32), self.stream)
+        self.cuda.h2d(bufs["x_a"], x_T, self.stream)
+        self.cuda.h2d(bufs["idx_a"], np.zeros(1, np.int32), self.stream)
+        self.cuda.h2d(bufs["t"], t_table[:1], self.stream)
+        for i in range(n):
+            self._graphs.replay(key, lambda g, i=i: self.cuda.call(self.cuda.rt.cudaGraphLaunch(g[i % 2], self.stream)))
+            if callback is not None:
+                callback(i, int(t_table[i]), None, None)
+        out = np.empty(shape, np.float32)
+        self.cuda.d2h(out, bufs["x_b"] if n % 2 else bufs["x_a"], self.stream)
+        self.cuda.sync(self.stream)  # the one host synchronisation of the loop
+        precision = self._entries_for(DENOISE_NETWORK)[0][1].precision
+        # NaN/Inf in any step's eps propagates through the affine update to the final
+        # latent, so checking it once here catches an overflow at any step.
+        check_finite(DENOISE_NETWORK, "x_0 (denoised latent)", out, precision)
+        return out
+
+    def _capture_denoise(self, step_net: str, shape: tuple[int, ...], c_shape: Sequence[int], n: int,
+                         kind: str) -> GraphRecord:
+        """Allocate the loop's buffers and capture the A/B graph pair for one (shape, n)."""
+        rt, cuda = self.cuda.rt, self.cuda
+        unet_eng = self._engine(DENOISE_NETWORK, {"x_t": shape, "c_latent": tuple(c_shape), "t": (1,)})
+        step_eng = self._engine(step_net)
+        # Dedicated contexts: a captured graph bakes the context's scratch memory in, so
+        # run() on the shared context (other shapes) must not disturb it.
+        unet_ctx = unet_eng.engine.create_execution_context()
+        step_ctx = step_eng.engine.create_execution_context()
+        f32 = np.dtype(np.float32).itemsize
+        numel = int(np.prod(shape))
+        sizes = {"x_a": numel * f32, "x_b": numel * f32, "eps": numel * f32, "t": f32,
+                 "idx_a": 4, "idx_b": 4, "c_latent": int(np.prod(c_shape)) * f32,
+                 "coefs": n * len(STEP_COEF_KEYS[kind]) * f32, "t_table": n * f32}
+        if kind == "ddpm":
+            sizes["noise"] = n * numel * f32
+        bufs = {k: cuda.malloc(_align(v, ALIGNMENT)) for k, v in sizes.items()}
+        # Valid tables and index before the warm-up runs: the step engine gathers by index.
+        cuda.call(rt.cudaMemsetAsync(bufs["coefs"], 0, sizes["coefs"], self.stream))
+        cuda.call(rt.cudaMemsetAsync(bufs["t_table"], 0, sizes["t_table"], self.stream))
+        for k in ("idx_a", "idx_b", "x_a", "x_b", "t", "c_latent") + (("noise",) if "noise" in bufs else ()):
+            cuda.call(rt.cudaMemsetAsync(bufs[k], 0, sizes[k], self.stream))
+        step_shapes = {"x": shape, "eps": shape, "idx": (1,), "coefs": (n, len(STEP_COEF_KEYS[kind])), "t_table": (n,)}
+        if kind == "ddpm":
+            step_shapes["noise"] = (n, 1) + tuple(shape[1:])
+        for ctx, eng, shp in ((unet_ctx, unet_eng, {"x_t": shape, "t": (1,), "c_latent": tuple(c_shape)}),
+                              (step_ctx, step_eng, step_shapes)):
+            for t in eng.inputs:
+                ctx.set_input_shape(t.name, shp[t.name])
+        raw_graphs: list[Any] = []
+        execs: list[Any] = []
+        try:
+            for x_in, x_out, i_in, i_out in (("x_a", "x_b", "idx_a", "idx_b"), ("x_b", "x_a", "idx_b", "idx_a")):
+                binds = ((unet_ctx, {"x_t": x_in, "t": "t", "c_latent": "c_latent", "eps": "eps"}),
+                         (step_ctx, {"x": x_in, "eps": "eps", "idx": i_in, "coefs": "coefs", "t_table": "t_table",
+                                     "x_next": x_out, "idx_next": i_out, "t_next": "t",
+                                     **({"noise": "noise"} if kind == "ddpm" else {})}))
+                for ctx, b in binds:
+                    for tensor, buf in b.items():
+                        ctx.set_tensor_address(tensor, bufs[buf])
+                # Warm-up outside capture: TensorRT does shape-dependent setup on the first enqueue.
+                for ctx, _ in binds:
+                    if not ctx.execute_async_v3(int(self.stream)):
+                        raise RuntimeError("TensorRT enqueue failed during the denoising warm-up")
+                cuda.sync(self.stream)
+                cuda.call(rt.cudaStreamBeginCapture(
+                    self.stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+                try:
+                    for ctx, _ in binds:
+                        ctx.execute_async_v3(int(self.stream))
+                finally:
+                    raw_graphs.append(cuda.call(rt.cudaStreamEndCapture(self.stream)))
+                execs.append(cuda.call(rt.cudaGraphInstantiate(raw_graphs[-1], 0)))
+        except Exception:
+            self._destroy_graph(GraphRecord(tuple(execs), {"buffers": bufs, "graphs": raw_graphs}))
+            raise
+        log.info("captured denoising graphs for latent %s, %d steps (%s)", shape, n, kind)
+        return GraphRecord(tuple(execs), {"buffers": bufs, "graphs": raw_graphs, "contexts": (unet_ctx, step_ctx)})
+
+    def _destroy_graph(self, rec: GraphRecord) -> None:
+        rt = self.cuda.rt
+        res = rec.resources or {}
+        for e in rec.graph or ():
+            self.cuda.call(rt.cudaGraphExecDestroy(e))
+        for g in res.get("graphs", ()):
+            self.cuda.call(rt.cudaGraphDestroy(g))
+        for ptr in res.get("buffers", {}).values():
+            self.cuda.free(ptr)
+        res.clear()  # drops the dedicated execution contexts too
+
+    def close(self) -> None:
+        """Free graphs, contexts, engines and device memory; idempotent."""
+        if getattr(self, "_graphs", None) is not None:
+            self._graphs.clear()
+        for eng in getattr(self, "_engines", {}).values():
+            eng.arena.release()
+        self._engines = {}
+        if getattr(self, "stream", None) is not None:
+            self.cuda.call(self.cuda.rt.cudaStreamDestroy(self.stream))
+            self.stream = None
+        if self._ort is not None:
+            self._ort.close()
+            self._ort = None
+
+
+def _raw_engine_records(directory: Path) -> dict[str, dict[str, Any]]:
+    """Engine records as written (extra keys such as ``fingerprint`` that EngineEntry does not carry)."""
+    try:
+        raw = json.loads((directory / MANIFEST_NAME).read_text())
+        return {k: dict(v) for k, v in raw.get("engines", {}).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def engine_io_names(kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Input and output names of the sampler-step engine of ``kind`` (shared with the builder)."""
+    ins: tuple[str, ...] = ("x", "eps", "idx", "coefs", "t_table") + (("noise",) if kind == "ddpm" else ())
+    return ins, ("x_next", "idx_next", "t_next")
+
+
+__all__ = [
+    "ALIGNMENT", "Arena", "BufferPlan", "EngineCompatError", "GraphCache", "GraphRecord", "NonFiniteOutputError",
+    "STEP_COEF_KEYS", "SAMPLER_STEP_PREFIX", "TensorIO", "TrtBackend", "check_engine_compat", "check_finite",
+    "engine_io_names", "import_tensorrt", "normalize_cc", "plan_buffers", "sampler_kind", "step_table",
+    "trt_version_string",
+]
