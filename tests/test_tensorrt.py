@@ -29,6 +29,7 @@ from runtime.backends.tensorrt import (
     check_finite,
     normalize_cc,
     plan_buffers,
+    profile_admits,
     step_table,
     trt_version_string,
 )
@@ -137,6 +138,20 @@ def test_plan_buffers_checks_the_profile() -> None:
         plan_buffers(IO, {**ok, "x_t": (1, 4, 257, 8)}, profile)
     with pytest.raises(ValueError, match="power of two"):
         plan_buffers(IO, ok, alignment=48)
+
+
+def test_profile_admits_selects_static_engines_from_the_manifest() -> None:
+    from runtime.manifest import TensorSpec
+
+    inputs = (TensorSpec("x_t", "float32", (1, 4, "h8", "w8")), TensorSpec("r", "float32", (1, 8, "h8/2", "w8/2")),
+              TensorSpec("t", "float32", (1,)))
+    static = {"h8": (16, 16, 16), "w8": (24, 24, 24)}
+    assert profile_admits(static, inputs, {"x_t": (1, 4, 16, 24), "r": (1, 8, 8, 12), "t": (1,)})
+    assert not profile_admits(static, inputs, {"x_t": (1, 4, 16, 32)})
+    assert not profile_admits(static, inputs, {"r": (1, 8, 9, 12)})
+    assert not profile_admits(static, inputs, {"t": (2,)})
+    assert not profile_admits(static, inputs, {"x_t": (1, 4, 16)})
+    assert profile_admits({"h8": (8, 64, 256), "w8": (8, 64, 256)}, inputs, {"x_t": (1, 4, 8, 256)})
 
 
 class FakeDevice:

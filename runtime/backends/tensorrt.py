@@ -249,6 +249,37 @@ class Arena:
         self.ptr, self.capacity = 0, 0
 
 
+_AXIS_DIM = re.compile(r"^\s*([A-Za-z_]\w*)\s*(?:/+\s*(\d+))?\s*$")
+
+
+def profile_admits(profile: Mapping[str, Sequence[int]], inputs: Sequence[Any],
+                   shapes: Mapping[str, Sequence[int]]) -> bool:
+    """Whether concrete input ``shapes`` fit an engine ``profile`` (axis -> (min, opt, max)).
+
+    ``inputs`` are the network's TensorSpecs (dims: ints, axis names or ``name/k``); axes the
+    profile does not name are not judged here (TensorRT checks them when shapes are set).
+    """
+    for spec in inputs:
+        if spec.name not in shapes:
+            continue
+        shape = tuple(int(d) for d in shapes[spec.name])
+        if len(shape) != len(spec.shape):
+            return False
+        for dim, got in zip(spec.shape, shape):
+            if isinstance(dim, int):
+                if dim != got:
+                    return False
+                continue
+            m = _AXIS_DIM.match(str(dim))
+            if not m or m.group(1) not in profile:
+                continue
+            lo, _, hi = (int(v) for v in profile[m.group(1)])
+            k = int(m.group(2) or 1)
+            if not max(lo // k, 1) <= got <= max(hi // k, 1):
+                return False
+    return True
+
+
 # --------------------------------------------------------------------------- graph cache
 
 
@@ -477,6 +508,9 @@ class TrtBackend:
         self._graphs = GraphCache(self._destroy_graph, max_graphs)
         log.info("TensorRT %s on %s (cc %s), %d engines", self.trt_version, self.gpu_name, self.cc,
                  len(manifest.engines))
+        if not manifest.engines:
+            log.warning("%s lists no engines: every network runs on ONNX Runtime "
+                        "(build them with python -m export.build_engines %s)", MANIFEST_NAME, directory)
 
     # ---------------------------------------------------------------- engine selection
     def _entries_for(self, network: str) -> list[tuple[str, EngineEntry]]:
@@ -489,15 +523,15 @@ class TrtBackend:
         return self.has_engine(network) or network in self.manifest.networks
 
     def _engine(self, network: str, shapes: Mapping[str, Sequence[int]] | None = None) -> _Engine:
-        """The engine for ``network``; a static engine whose shapes match wins over the dynamic one."""
+        """The engine for ``network``; a static engine whose profile admits ``shapes`` wins over
+        the dynamic one (decided from the manifest, so unused static plans are never loaded)."""
         entries = self._entries_for(network)
+        spec = self.manifest.networks.get(network)
         chosen = None
         for key, entry in entries:
             if entry.static_shape:
-                eng = self._load(key, entry)
-                if shapes is not None and all(eng.profile.get(n, (None,))[0] == tuple(s) for n, s in shapes.items()
-                                              if n in eng.profile):
-                    return eng
+                if shapes is not None and spec is not None and profile_admits(entry.profile, spec.inputs, shapes):
+                    return self._load(key, entry)
             elif chosen is None:
                 chosen = (key, entry)
         if chosen is None:
@@ -720,6 +754,6 @@ def engine_io_names(kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
 __all__ = [
     "ALIGNMENT", "Arena", "BufferPlan", "EngineCompatError", "GraphCache", "GraphRecord", "NonFiniteOutputError",
     "STEP_COEF_KEYS", "SAMPLER_STEP_PREFIX", "TensorIO", "TrtBackend", "check_engine_compat", "check_finite",
-    "engine_io_names", "import_tensorrt", "normalize_cc", "plan_buffers", "sampler_kind", "step_table",
+    "engine_io_names", "import_tensorrt", "normalize_cc", "plan_buffers", "profile_admits", "sampler_kind", "step_table",
     "trt_version_string",
 ]
