@@ -84,6 +84,16 @@ class DecodeJob:
     sampler: str | None = None
     steps: int | None = None
     crop_hw: tuple[int, int] | None = None
+    # time.monotonic() after which nobody waits for the result: the job is dropped at the
+    # next step instead of using compute for a request that has already timed out.
+    deadline: float | None = None
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+
+class DecodeTimeout(TimeoutError):
+    """A decode job passed its deadline and was dropped."""
 
 
 @dataclass
@@ -99,6 +109,7 @@ class DecodeOutcome:
 @dataclass
 class _Prepared:
     index: int
+    job: DecodeJob
     c_latent: np.ndarray
     sampler_name: str
     steps: int
@@ -118,15 +129,16 @@ def _prepare(codec: Codec, index: int, job: DecodeJob) -> _Prepared:
     make_sampler(sampler_name, steps, codec.schedule)  # reject bad sampler/steps before the costly part
     c_latent = codec.decode_latent(stream, timings)
     seed = stream.seed if stream.seed is not None else codec.cfg.seed
-    return _Prepared(index, c_latent, sampler_name, steps, seed, job.crop_hw, stream.original_hw, timings)
+    return _Prepared(index, job, c_latent, sampler_name, steps, seed, job.crop_hw, stream.original_hw, timings)
 
 
-def _shared_loop(codec: Codec, group: list[_Prepared]) -> list[np.ndarray]:
+def _shared_loop(codec: Codec, group: list[_Prepared]) -> list[np.ndarray | None]:
     """One denoising loop for a group with equal latent shape, sampler and steps.
 
     Mirrors ``runtime.sampler.run`` per item: model call, then that item's step noise,
     then the sampler update, in this order for every item, so each item's arithmetic and
-    random draws are exactly those of an unbatched decode.
+    random draws are exactly those of an unbatched decode. Items are independent, so one
+    dropped at its deadline (returned as None) changes nothing for the others.
     """
     first = group[0]
     sampler = make_sampler(first.sampler_name, first.steps, codec.schedule)
@@ -134,12 +146,17 @@ def _shared_loop(codec: Codec, group: list[_Prepared]) -> list[np.ndarray]:
     noises = [GaussianNoise(p.seed) for p in group]
     for noise in noises:
         noise.check(sampler, shape)
-    xs = [np.asarray(noise.initial(shape), dtype=np.float32) for noise in noises]
+    xs: list[np.ndarray | None] = [np.asarray(noise.initial(shape), dtype=np.float32) for noise in noises]
     needs = sampler.needs_noise()
     t0 = time.perf_counter()
     for i, t in enumerate(sampler.timesteps.tolist()):
         t_arr = np.array([t], np.float32)
         for k, p in enumerate(group):
+            if xs[k] is None:
+                continue
+            if p.job.expired():
+                xs[k] = None
+                continue
             # The graph's batch axis is fixed to 1: one call per item, inside the shared step.
             eps = np.asarray(codec.backend.run("control_unet", {"x_t": xs[k], "t": t_arr, "c_latent": p.c_latent})["eps"])
             if eps.shape != xs[k].shape:
@@ -162,6 +179,9 @@ def decode_many(codec: Codec, jobs: Sequence[DecodeJob]) -> list[DecodeOutcome]:
     outcomes = [DecodeOutcome() for _ in jobs]
     prepared: list[_Prepared] = []
     for i, job in enumerate(jobs):
+        if job.expired():
+            outcomes[i].error = DecodeTimeout("decode passed its deadline before it started")
+            continue
         try:
             prepared.append(_prepare(codec, i, job))
         except Exception as exc:  # noqa: BLE001 - reported per job, the others go on
@@ -181,6 +201,9 @@ def decode_many(codec: Codec, jobs: Sequence[DecodeJob]) -> list[DecodeOutcome]:
                 samples = _shared_loop(codec, group)
                 size = len(group)
             for p, x in zip(group, samples):
+                if x is None or p.job.expired():
+                    outcomes[p.index].error = DecodeTimeout("decode passed its deadline and was dropped")
+                    continue
                 with p.timings.stage("vae_decoder"):
                     decoded = codec.backend.run("vae_decoder", {"latent": x})["decoded"]
                 image = to_uint8_image(decoded)
@@ -471,6 +494,8 @@ def build_app(settings: ServeSettings) -> Any:
             sampler: str | None = Query(None, description=f"sampler, one of {list(SAMPLERS)} (default: from the stream)"),
             size: str | None = Query(None, description="HxW crop for reference-layout streams (they carry no size)"),
         ) -> Any:
+            t_start = time.monotonic()
+
             async def work() -> Any:
                 check_content_type(request.headers.get("content-type"), STREAM_CONTENT_TYPES)
                 if sampler is not None and sampler not in SAMPLERS:
@@ -480,7 +505,8 @@ def build_app(settings: ServeSettings) -> Any:
                 crop = parse_size(size)
                 body = await self._read_body(request)
                 check_stream_pixels(self.codec, body, self.settings.max_pixels)
-                outcome: DecodeOutcome = await self.decode_batched(DecodeJob(body, sampler, steps, crop))
+                outcome: DecodeOutcome = await self.decode_batched(
+                    DecodeJob(body, sampler, steps, crop, deadline=t_start + self.settings.timeout_s))
                 if outcome.error is not None:
                     raise outcome.error
                 png = await asyncio.get_running_loop().run_in_executor(None, png_bytes, outcome.image)
