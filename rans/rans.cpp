@@ -3,9 +3,17 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <mutex>
+#if defined(__GNUC__) && defined(__x86_64__)
+#if !defined(__clang__)
+// GCC 12 reports false positives inside its own AVX-512 headers (_mm512_undefined_*)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+#endif
 
 namespace rans {
 
@@ -69,37 +77,6 @@ EncSym make_enc_sym(uint32_t start, uint32_t freq) {
     e.bias = start;
   }
   return e;
-}
-
-// ------------------------------------------------------------ encoder steps
-struct WordOut {
-  Buf<uint32_t> buf;  // emitted in encoder order; reversed at the end
-  uint32_t* w = nullptr;
-  size_t n = 0;
-  void ensure(size_t extra) {
-    if (buf.capacity() - n < extra || w == nullptr) {
-      buf.reserve(n + extra + 64);
-      w = buf.data();
-    }
-  }
-};
-
-inline void enc_put(uint64_t& x, const EncSym& e, WordOut& out) {
-  // branchless renormalisation: x_max = ((L >> 16) << 32) * freq
-  const bool emit = x >= e.x_max();
-  out.w[out.n] = static_cast<uint32_t>(x);
-  out.n += emit;
-  x = emit ? (x >> 32) : x;
-  const uint64_t q = mulhi64(x, e.rcp) >> e.shift;
-  x += e.bias + q * e.cmpl;
-}
-
-inline void enc_put_bits(uint64_t& x, uint32_t v, WordOut& out) {
-  if (x >= kBypassMax) {
-    out.w[out.n++] = static_cast<uint32_t>(x);
-    x >>= 32;
-  }
-  x = (x << 4) | v;
 }
 
 [[noreturn]] void throw_index(size_t i, int32_t idx, size_t rows) {
@@ -170,31 +147,59 @@ Pool<T>& pool() {
   static Pool<T>* p = new Pool<T>();  // leaked on purpose: no destruction-order issues
   return *p;
 }
-constexpr size_t kPoolMaxBuffers = 8;
+constexpr size_t kPoolMaxBuffers = 12;
 constexpr size_t kPoolMaxBytes = size_t(64) << 20;
 }  // namespace
 
 template <class T>
-Buf<T>::Buf() {
-  Pool<T>& p = pool<T>();
-  std::lock_guard<std::mutex> lock(p.m);
-  if (!p.free.empty()) {
-    v_ = std::move(p.free.back());
-    p.free.pop_back();
-  }
-}
+Buf<T>::Buf() = default;
 
 template <class T>
 Buf<T>::~Buf() {
   if (v_.empty() || v_.size() * sizeof(T) > kPoolMaxBytes) return;
   Pool<T>& p = pool<T>();
   std::lock_guard<std::mutex> lock(p.m);
-  if (p.free.size() < kPoolMaxBuffers) p.free.push_back(std::move(v_));
+  if (p.free.size() < kPoolMaxBuffers) {
+    p.free.push_back(std::move(v_));
+  } else {  // replace the smallest pooled buffer if this one is larger
+    auto it = std::min_element(p.free.begin(), p.free.end(),
+                               [](const std::vector<T>& a, const std::vector<T>& b) { return a.size() < b.size(); });
+    if (it->size() < v_.size()) *it = std::move(v_);
+  }
 }
 
 template <class T>
-void Buf<T>::grow(size_t need) {
-  v_.resize(std::max(need, v_.size() + v_.size() / 2));
+void Buf<T>::grow(size_t need, size_t used) {
+  // grow generously (amortised copies) and prefer recycled storage
+  const size_t want = std::max({need, 2 * used, v_.size() + v_.size() / 2});
+  std::vector<T> nv;
+  {
+    Pool<T>& p = pool<T>();
+    std::lock_guard<std::mutex> lock(p.m);
+    size_t best = p.free.size();
+    auto better = [&](size_t k) {
+      if (p.free[k].size() < need) return false;
+      if (best == p.free.size()) return true;
+      const bool kw = p.free[k].size() >= want, bw = p.free[best].size() >= want;
+      if (kw != bw) return kw;  // first choice: large enough for `want`
+      return kw ? p.free[k].size() < p.free[best].size() : p.free[k].size() > p.free[best].size();
+    };
+    for (size_t k = 0; k < p.free.size(); ++k)
+      if (better(k)) best = k;
+    if (best != p.free.size()) {
+      nv = std::move(p.free[best]);
+      p.free.erase(p.free.begin() + static_cast<std::ptrdiff_t>(best));
+    }
+  }
+  if (nv.empty()) nv.resize(want);
+  used = std::min(used, v_.size());
+  if (used) std::memcpy(nv.data(), v_.data(), used * sizeof(T));
+  std::swap(v_, nv);
+  if (!nv.empty() && nv.size() * sizeof(T) <= kPoolMaxBytes) {  // recycle the old one
+    Pool<T>& p = pool<T>();
+    std::lock_guard<std::mutex> lock(p.m);
+    if (p.free.size() < kPoolMaxBuffers) p.free.push_back(std::move(nv));
+  }
 }
 
 template class Buf<int32_t>;
@@ -252,6 +257,14 @@ Tables::Tables(const int32_t* cdf, size_t rows, size_t width, const int32_t* len
       bk[k] = static_cast<uint16_t>(s);
     }
   }
+  info_.resize(rows);
+  for (size_t r = 0; r < rows; ++r) {
+    const int64_t top = static_cast<int64_t>(offsets[r]) + lengths[r] - 3;
+    if (top > std::numeric_limits<int32_t>::max())
+      throw Error("tables: offset[" + std::to_string(r) + "] + cdf_length - 3 exceeds the int32 range");
+    info_[r] = RowInfo{&cdf_[row_start_[r]], &bucket_[r << kBucketBits], &enc_[row_start_[r]],
+                       offsets[r], lengths[r] - 2};
+  }
   if (scale_table != nullptr) {
     if (n_scale != rows)
       throw Error("tables: scale_table has " + std::to_string(n_scale) + " entries but there are " +
@@ -279,8 +292,8 @@ void Tables::build_index_lut() {
     lut_base_bits_ = 0;
     lut_shift_ = 31;
     lut_n_ = 1;
-    lut_thr_.assign(1, 0xFFFFFFFFu);
-    lut_count_.assign(1, 0);
+    lut_thr_.assign(128, std::numeric_limits<int32_t>::max());
+    lut_count_.assign(128, 0);
     return;
   }
   std::vector<uint32_t> bits(nt);
@@ -293,97 +306,159 @@ void Tables::build_index_lut() {
   if (nb > (1u << 16)) return;  // thresholds too dense: binary search
   lut_base_bits_ = bits[0];
   lut_shift_ = shift;
-  lut_thr_.assign(nb, 0xFFFFFFFFu);
-  lut_count_.assign(nb, 0);
+  lut_thr_.assign(std::max<uint64_t>(nb, 128), std::numeric_limits<int32_t>::max());
+  lut_count_.assign(std::max<uint64_t>(nb, 128), 0);
   size_t k = 0;
   for (uint64_t b = 0; b < nb; ++b) {
     const uint64_t lo = static_cast<uint64_t>(bits[0]) + (b << shift);
     const uint64_t hi = lo + (1ull << shift);
     while (k < nt && bits[k] < lo) ++k;
     lut_count_[b] = static_cast<int32_t>(k);
-    if (k < nt && bits[k] < hi) lut_thr_[b] = bits[k];
+    if (k < nt && bits[k] < hi) lut_thr_[b] = static_cast<int32_t>(bits[k]);
     if (k + 1 < nt && bits[k + 1] < hi) return;  // cannot happen (gap >= 2^shift); be safe
   }
   lut_n_ = static_cast<uint32_t>(nb);
 }
 
-// ============================================================ compat encode
+// ================================================================ encoders
 namespace {
 
-std::vector<uint8_t> encode_compat(const Tables& t, const int32_t* sym, const int32_t* idx,
-                                   size_t n) {
-  WordOut out;
-  out.ensure(n + 64);
-  uint64_t x = kRansL;
-  const size_t rows = t.rows();
-  const EncSym* enc = t.enc_.data();
-  for (size_t i = n; i-- > 0;) {
+/// Index source over an int32 array: validates every index.
+struct ArrayIdx {
+  const int32_t* idx;
+  uint32_t rows;
+  inline int32_t operator()(size_t i) const {
     const int32_t id = idx[i];
-    if (static_cast<uint32_t>(id) >= rows) throw_index(i, id, rows);
-    const int64_t v = static_cast<int64_t>(sym[i]) - t.offset_[id];
-    const int64_t e = t.length_[id] - 2;
-    const EncSym* row = enc + t.row_start_[id];
-    out.ensure(2 * kMaxEscapeChunks + 4);
-    if (v >= 0 && v < e) {
-      const EncSym& es = row[v];
-      if (es.zero) throw_zero_freq(i, sym[i], id);
-      enc_put(x, es, out);
-    } else {
-      const EncSym& es = row[e];
-      if (es.zero) throw_zero_freq(i, sym[i], id);
-      const uint64_t raw = escape_raw(v, e);
-      int m = 0;
-      while (m < 16 && (raw >> (4 * m)) != 0) ++m;
-      for (int j = m - 1; j >= 0; --j) enc_put_bits(x, static_cast<uint32_t>(raw >> (4 * j)) & 15u, out);
-      enc_put_bits(x, static_cast<uint32_t>(m % 15), out);
-      for (int k = 0; k < m / 15; ++k) enc_put_bits(x, 15u, out);
-      enc_put(x, es, out);
-    }
+    if (__builtin_expect(static_cast<uint32_t>(id) >= rows, 0)) throw_index(i, id, rows);
+    return id;
   }
-  std::vector<uint8_t> bytes(8 + 4 * out.n);
+};
+
+struct IndexLut {
+  const int32_t* thr;
+  const int32_t* cnt;
+  int32_t base;
+  int32_t shift;
+  int32_t last;
+};
+
+inline int32_t f2bits(float f) {
+  int32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+/// Exact table index of a clamped scale (s >= 0.11, +inf or NaN; NaN gives an in-range
+/// index and is reported separately).  Positive floats order like their bit patterns.
+inline int32_t lut_index(float s, const IndexLut& L) {
+  const int32_t u = f2bits(s);
+  const int32_t d = u - L.base;
+  int32_t b = d < 0 ? 0 : (d >> L.shift);
+  b = b < L.last ? b : L.last;
+  return L.cnt[b] + (L.thr[b] < u ? 1 : 0);
+}
+
+IndexLut make_lut(const Tables& t) {
+  return IndexLut{t.lut_thr_.data(), t.lut_count_.data(), static_cast<int32_t>(t.lut_base_bits_),
+                  static_cast<int32_t>(t.lut_shift_), static_cast<int32_t>(t.lut_n_) - 1};
+}
+
+inline float clamp_scale(float s) { return s < 0.11f ? 0.11f : s; }
+
+/// Index source over indexes this library computed itself (always in range).
+struct TrustedIdx {
+  const int32_t* idx;
+  inline int32_t operator()(size_t i) const { return idx[i]; }
+};
+
+/// Pushes the bypass chunks of one escape (encoder order) - compat format.
+inline void compat_escape_chunks(uint64_t& x, uint64_t raw, uint32_t* w, size_t& nw) {
+  auto put = [&](uint32_t v) {
+    const bool emit = x >= kBypassMax;
+    w[nw] = static_cast<uint32_t>(x);
+    nw += emit;
+    x = emit ? (x >> 32) : x;
+    x = (x << 4) | v;
+  };
+  int m = 0;
+  while (m < 16 && (raw >> (4 * m)) != 0) ++m;
+  for (int j = m - 1; j >= 0; --j) put(static_cast<uint32_t>(raw >> (4 * j)) & 15u);
+  put(static_cast<uint32_t>(m % 15));
+  for (int k = 0; k < m / 15; ++k) put(15u);
+}
+
+inline void enc_step(uint64_t& x, const EncSym& e, uint32_t* w, size_t& nw) {
+  // branchless renormalisation: x_max = ((L >> 16) << 32) * freq
+  const bool emit = x >= e.x_max();
+  w[nw] = static_cast<uint32_t>(x);
+  nw += emit;
+  const uint64_t xx = emit ? (x >> 32) : x;
+  const uint64_t q = mulhi64(xx, e.rcp) >> e.shift;
+  x = xx + e.bias + q * e.cmpl;
+}
+
+template <class IdxFn>
+std::vector<uint8_t> encode_compat_t(const Tables& t, const int32_t* sym, size_t n,
+                                     const IdxFn& idx_of) {
+  Buf<uint32_t> buf;
+  buf.reserve(n + 64);
+  uint32_t* w = buf.data();
+  size_t nw = 0;
+  uint64_t x = kRansL;
+  const RowInfo* info = t.info_.data();
+  for (size_t i = n; i-- > 0;) {
+    const int32_t id = idx_of(i);
+    const RowInfo& ri = info[id];
+    const int64_t v = static_cast<int64_t>(sym[i]) - ri.offset;
+    const EncSym* es;
+    if (__builtin_expect(static_cast<uint64_t>(v) < static_cast<uint64_t>(ri.esc), 1)) {
+      es = ri.enc + v;
+    } else {
+      es = ri.enc + ri.esc;
+      if (es->zero) throw_zero_freq(i, sym[i], id);
+      // room for this escape (<= 20 words) and one word per remaining element
+      if (buf.capacity() < nw + i + 64) {
+        buf.reserve(nw + i + 64, nw);
+        w = buf.data();
+      }
+      compat_escape_chunks(x, escape_raw(v, ri.esc), w, nw);
+    }
+    if (__builtin_expect(es->zero, 0)) throw_zero_freq(i, sym[i], id);
+    enc_step(x, *es, w, nw);
+  }
+  std::vector<uint8_t> bytes(8 + 4 * nw);
   store_le64(bytes.data(), x);
   uint8_t* p = bytes.data() + 8;
-  for (size_t k = out.n; k-- > 0; p += 4) store_le32(p, out.w[k]);
+  for (size_t k = nw; k-- > 0; p += 4) store_le32(p, w[k]);
   return bytes;
 }
 
-// ============================================================ native encode
-std::vector<uint8_t> encode_native(const Tables& t, const int32_t* sym, const int32_t* idx,
-                                   size_t n) {
+template <class IdxFn>
+std::vector<uint8_t> encode_native_t(const Tables& t, const int32_t* sym, size_t n,
+                                     const IdxFn& idx_of) {
   constexpr int NL = kNativeLanes;
-  Buf<uint32_t> words;
-  words.reserve(n + 8);
+  Buf<uint32_t> buf;
+  buf.reserve(n + 8);
+  uint32_t* w = buf.data();
   size_t nw = 0;
   std::vector<uint64_t> esc;  // escape raws in encoder (reverse) order
   uint64_t x[NL];
   for (int l = 0; l < NL; ++l) x[l] = kRansL;
-  const size_t rows = t.rows();
-  const EncSym* enc = t.enc_.data();
-  const uint32_t* rs = t.row_start_.data();
-  const int32_t* off = t.offset_.data();
-  const int32_t* len = t.length_.data();
-  uint32_t* wp = words.data();
+  const RowInfo* info = t.info_.data();
 
   auto one = [&](uint64_t& xs, size_t i) __attribute__((always_inline)) {
-    const int32_t id = idx[i];
-    if (__builtin_expect(static_cast<uint32_t>(id) >= rows, 0)) throw_index(i, id, rows);
-    const int64_t v = static_cast<int64_t>(sym[i]) - off[id];
-    const int64_t e = len[id] - 2;
-    const EncSym* row = enc + rs[id];
+    const int32_t id = idx_of(i);
+    const RowInfo& ri = info[id];
+    const int64_t v = static_cast<int64_t>(sym[i]) - ri.offset;
     const EncSym* es;
-    if (__builtin_expect(static_cast<uint64_t>(v) < static_cast<uint64_t>(e), 1)) {
-      es = row + v;
+    if (__builtin_expect(static_cast<uint64_t>(v) < static_cast<uint64_t>(ri.esc), 1)) {
+      es = ri.enc + v;
     } else {
-      es = row + e;
-      esc.push_back(escape_raw(v, e));
+      es = ri.enc + ri.esc;
+      esc.push_back(escape_raw(v, ri.esc));
     }
     if (__builtin_expect(es->zero, 0)) throw_zero_freq(i, sym[i], id);
-    const bool emit = xs >= es->x_max();
-    wp[nw] = static_cast<uint32_t>(xs);
-    nw += emit;
-    uint64_t xx = emit ? (xs >> 32) : xs;
-    const uint64_t q = mulhi64(xx, es->rcp) >> es->shift;
-    xs = xx + es->bias + q * es->cmpl;
+    enc_step(xs, *es, w, nw);
   };
 
   size_t i = n;
@@ -411,17 +486,24 @@ std::vector<uint8_t> encode_native(const Tables& t, const int32_t* sym, const in
   store_le32(bytes.data() + 4, static_cast<uint32_t>(bw.bytes.size()));
   for (int l = 0; l < NL; ++l) store_le64(bytes.data() + 8 + 8 * l, x[l]);
   uint8_t* p = bytes.data() + hdr;
-  for (size_t k = nw; k-- > 0; p += 4) store_le32(p, wp[k]);
+  for (size_t k = nw; k-- > 0; p += 4) store_le32(p, w[k]);
   if (!bw.bytes.empty()) std::memcpy(p, bw.bytes.data(), bw.bytes.size());
   return bytes;
+}
+
+template <class IdxFn>
+std::vector<uint8_t> encode_t(const Tables& t, Format fmt, const int32_t* sym, size_t n,
+                              const IdxFn& idx_of) {
+  if (fmt == Format::Compat) return encode_compat_t(t, sym, n, idx_of);
+  return encode_native_t(t, sym, n, idx_of);
 }
 
 }  // namespace
 
 std::vector<uint8_t> encode_with_indexes(const Tables& t, Format fmt, const int32_t* symbols,
                                          const int32_t* indexes, size_t n) {
-  if (fmt == Format::Compat) return encode_compat(t, symbols, indexes, n);
-  return encode_native(t, symbols, indexes, n);
+  const ArrayIdx src{indexes, static_cast<uint32_t>(t.rows())};
+  return encode_t(t, fmt, symbols, n, src);
 }
 
 // ================================================================= Decoder
@@ -474,13 +556,32 @@ void Decoder::fail(const std::string& msg) {
   throw Error(msg);
 }
 
-void Decoder::decode(const int32_t* indexes, size_t n, int32_t* out) {
+namespace {
+
+inline int32_t finish_escape(uint64_t raw, int64_t e, int32_t offset, size_t i) {
+  const int64_t value = static_cast<int64_t>(raw >> 1);
+  const int64_t v = (raw & 1) ? -value - 1 : value + e;
+  const int64_t out = v + offset;
+  if (out < std::numeric_limits<int32_t>::min() || out > std::numeric_limits<int32_t>::max())
+    throw Error("corrupt stream: escape value out of int32 range at element " + std::to_string(i));
+  return static_cast<int32_t>(out);
+}
+
+struct ArraySink {
+  int32_t* out;
+  inline void operator()(size_t i, int32_t v) const { out[i] = v; }
+};
+
+}  // namespace
+
+template <class Src, class Sink>
+void Decoder::run(size_t n, Src& src, Sink& sink) {
   if (failed_) throw Error("decoder is in a failed state: " + fail_msg_);
   try {
     if (fmt_ == Format::Compat)
-      decode_compat(indexes, n, out);
+      run_compat(n, src, sink);
     else
-      decode_native(indexes, n, out);
+      run_native(n, src, sink);
   } catch (const Error& e) {
     failed_ = true;
     if (fail_msg_.empty()) fail_msg_ = e.what();
@@ -488,169 +589,153 @@ void Decoder::decode(const int32_t* indexes, size_t n, int32_t* out) {
   }
 }
 
-namespace {
-
-inline int64_t finish_escape(uint64_t raw, int64_t e, int32_t offset, size_t i) {
-  const int64_t value = static_cast<int64_t>(raw >> 1);
-  const int64_t v = (raw & 1) ? -value - 1 : value + e;
-  const int64_t out = v + offset;
-  if (out < std::numeric_limits<int32_t>::min() || out > std::numeric_limits<int32_t>::max())
-    throw Error("corrupt stream: escape value out of int32 range at element " + std::to_string(i));
-  return out;
+void Decoder::decode(const int32_t* indexes, size_t n, int32_t* out) {
+  ArrayIdx src{indexes, static_cast<uint32_t>(t_->rows())};
+  ArraySink sink{out};
+  run(n, src, sink);
 }
 
-}  // namespace
+__attribute__((noinline)) int32_t Decoder::compat_escape(const RowInfo& ri, size_t i) {
+  // bypass chunks share the single state x_[0] and the word position pos_
+  auto get4 = [&]() -> uint32_t {
+    const uint32_t v = static_cast<uint32_t>(x_[0] & 15u);
+    x_[0] >>= 4;
+    if (x_[0] < kRansL) {
+      if (pos_ >= nwords_)
+        throw Error("truncated stream: ran out of data at element " + std::to_string(i));
+      x_[0] = (x_[0] << 32) | words_.data()[pos_++];
+    }
+    return v;
+  };
+  int m = 0;
+  uint32_t c;
+  do {
+    c = get4();
+    m += static_cast<int>(c);
+    if (m > kMaxEscapeChunks)
+      throw Error("corrupt stream: escape payload too long at element " + std::to_string(i));
+  } while (c == 15);
+  uint64_t raw = 0;
+  for (int j = 0; j < m; ++j) raw |= static_cast<uint64_t>(get4()) << (4 * j);
+  return finish_escape(raw, ri.esc, ri.offset, i);
+}
 
-void Decoder::decode_compat(const int32_t* indexes, size_t n, int32_t* out) {
-  const Tables& t = *t_;
-  const size_t rows = t.rows();
+template <class Src, class Sink>
+void Decoder::run_compat(size_t n, Src& src, Sink& sink) {
   uint64_t x = x_[0];
   size_t pos = pos_;
   const uint32_t* words = words_.data();
   const size_t nwords = nwords_;
-  auto refill = [&](size_t i) {
-    if (x < kRansL) {
-      if (pos >= nwords)
-        throw Error("truncated stream: ran out of data at element " + std::to_string(i));
-      x = (x << 32) | words[pos++];
-    }
-  };
-  auto get4 = [&](size_t i) -> uint32_t {
-    const uint32_t v = static_cast<uint32_t>(x & 15u);
-    x >>= 4;
-    refill(i);
-    return v;
-  };
+  const RowInfo* info = t_->info_.data();
   try {
     for (size_t i = 0; i < n; ++i) {
-      const int32_t id = indexes[i];
-      if (static_cast<uint32_t>(id) >= rows) throw_index(i, id, rows);
-      const uint32_t* cdf = t.cdf_.data() + t.row_start_[id];
-      const uint32_t slot = static_cast<uint32_t>(x & (kProbScale - 1));
-      uint32_t s = t.bucket_[(static_cast<size_t>(id) << kBucketBits) + (slot >> kBucketShift)];
-      while (cdf[s + 1] <= slot) ++s;
-      const uint32_t b = cdf[s];
-      const uint32_t f = cdf[s + 1] - b;
+      const int32_t id = src(i);
+      const RowInfo& ri = info[id];
+      const uint32_t slot = static_cast<uint32_t>(x) & (kProbScale - 1);
+      uint32_t s = ri.bucket[slot >> kBucketShift];
+      while (ri.cdf[s + 1] <= slot) ++s;
+      const uint32_t b = ri.cdf[s];
+      const uint32_t f = ri.cdf[s + 1] - b;
       x = f * (x >> kPrecision) + slot - b;
-      {  // branchless refill (words_ is zero padded); bounds checked right after
-        const bool need = x < kRansL;
-        const uint64_t w = words[pos];
-        x = need ? ((x << 32) | w) : x;
-        pos += need;
-        if (__builtin_expect(pos > nwords, 0))
-          throw Error("truncated stream: ran out of data at element " + std::to_string(i));
-      }
-      const uint32_t e = static_cast<uint32_t>(t.length_[id] - 2);
-      if (s < e) {
-        const int64_t o = static_cast<int64_t>(s) + t.offset_[id];
-        if (o > std::numeric_limits<int32_t>::max())
-          throw Error("decoded value out of int32 range at element " + std::to_string(i));
-        out[i] = static_cast<int32_t>(o);
+      const bool need = x < kRansL;  // branchless refill (words are zero padded)
+      const uint64_t w = words[pos];
+      x = need ? ((x << 32) | w) : x;
+      pos += need;
+      if (__builtin_expect(pos > nwords, 0))
+        throw Error("truncated stream: ran out of data at element " + std::to_string(i));
+      if (__builtin_expect(static_cast<int32_t>(s) < ri.esc, 1)) {
+        sink(i, static_cast<int32_t>(s) + ri.offset);  // fits: checked with the tables
       } else {
-        int m = 0;
-        uint32_t c;
-        do {
-          c = get4(i);
-          m += static_cast<int>(c);
-          if (m > kMaxEscapeChunks)
-            throw Error("corrupt stream: escape payload too long at element " + std::to_string(i));
-        } while (c == 15);
-        uint64_t raw = 0;
-        for (int j = 0; j < m; ++j) raw |= static_cast<uint64_t>(get4(i)) << (4 * j);
-        out[i] = static_cast<int32_t>(finish_escape(raw, e, t.offset_[id], i));
+        x_[0] = x;
+        pos_ = pos;
+        sink(i, compat_escape(ri, i));
+        x = x_[0];
+        pos = pos_;
       }
     }
   } catch (...) {
     x_[0] = x;
-    pos_ = pos;
+    pos_ = std::min(pos, nwords);
     throw;
   }
   x_[0] = x;
   pos_ = pos;
 }
 
-void Decoder::decode_native(const int32_t* indexes, size_t n, int32_t* out) {
+__attribute__((noinline)) uint64_t Decoder::read_golomb(size_t i) {
+  auto refill_bits = [&]() {
+    while (bitcnt_ <= 56 && raw_pos_ < raw_.size()) {
+      bitbuf_ |= static_cast<uint64_t>(raw_[raw_pos_++]) << bitcnt_;
+      bitcnt_ += 8;
+    }
+  };
+  int zeros = 0;
+  for (;;) {
+    refill_bits();
+    if (bitcnt_ == 0)
+      throw Error("truncated stream: escape section exhausted at element " + std::to_string(i));
+    const uint64_t mask = bitcnt_ >= 64 ? ~0ull : ((1ull << bitcnt_) - 1);
+    const uint64_t b = bitbuf_ & mask;
+    if (b == 0) {
+      zeros += bitcnt_;
+      bitbuf_ = 0;
+      bitcnt_ = 0;
+      if (zeros > kMaxGolombZeros)
+        throw Error("corrupt stream: escape code too long at element " + std::to_string(i));
+    } else {
+      const int tz = __builtin_ctzll(b);
+      zeros += tz;
+      bitbuf_ >>= (tz + 1);
+      bitcnt_ -= tz + 1;
+      break;
+    }
+  }
+  if (zeros > kMaxGolombZeros)
+    throw Error("corrupt stream: escape code too long at element " + std::to_string(i));
+  refill_bits();
+  if (bitcnt_ < zeros)
+    throw Error("truncated stream: escape section exhausted at element " + std::to_string(i));
+  const uint64_t low = zeros == 0 ? 0 : (bitbuf_ & ((1ull << zeros) - 1));
+  bitbuf_ = zeros >= 64 ? 0 : (bitbuf_ >> zeros);
+  bitcnt_ -= zeros;
+  return ((1ull << zeros) | low) - 1;
+}
+
+__attribute__((noinline)) int32_t Decoder::native_escape(const RowInfo& ri, size_t i) {
+  return finish_escape(read_golomb(i), ri.esc, ri.offset, i);
+}
+
+template <class Src, class Sink>
+void Decoder::run_native(size_t n, Src& src, Sink& sink) {
   constexpr int NL = kNativeLanes;
-  const Tables& t = *t_;
-  const size_t rows = t.rows();
-  const uint32_t* cdf_all = t.cdf_.data();
-  const uint32_t* rs = t.row_start_.data();
-  const uint16_t* bucket = t.bucket_.data();
-  const int32_t* off = t.offset_.data();
-  const int32_t* len = t.length_.data();
+  const RowInfo* info = t_->info_.data();
   const uint32_t* words = words_.data();
   const size_t nwords = nwords_;
   size_t pos = pos_;
   uint64_t x[NL];
   for (int l = 0; l < NL; ++l) x[l] = x_[l];
 
-  auto golomb = [&](size_t i) -> uint64_t {
-    auto refill_bits = [&]() {
-      while (bitcnt_ <= 56 && raw_pos_ < raw_.size()) {
-        bitbuf_ |= static_cast<uint64_t>(raw_[raw_pos_++]) << bitcnt_;
-        bitcnt_ += 8;
-      }
-    };
-    int zeros = 0;
-    for (;;) {
-      refill_bits();
-      if (bitcnt_ == 0)
-        throw Error("truncated stream: escape section exhausted at element " + std::to_string(i));
-      const uint64_t mask = bitcnt_ >= 64 ? ~0ull : ((1ull << bitcnt_) - 1);
-      const uint64_t b = bitbuf_ & mask;
-      if (b == 0) {
-        zeros += bitcnt_;
-        bitbuf_ = 0;
-        bitcnt_ = 0;
-      } else {
-        const int tz = __builtin_ctzll(b);
-        zeros += tz;
-        bitbuf_ >>= (tz + 1);
-        bitcnt_ -= tz + 1;
-        break;
-      }
-      if (zeros > kMaxGolombZeros)
-        throw Error("corrupt stream: escape code too long at element " + std::to_string(i));
-    }
-    if (zeros > kMaxGolombZeros)
-      throw Error("corrupt stream: escape code too long at element " + std::to_string(i));
-    refill_bits();
-    if (bitcnt_ < zeros)
-      throw Error("truncated stream: escape section exhausted at element " + std::to_string(i));
-    const uint64_t low = zeros == 0 ? 0 : (bitbuf_ & ((1ull << zeros) - 1));
-    bitbuf_ = zeros >= 64 ? 0 : (bitbuf_ >> zeros);
-    bitcnt_ -= zeros;
-    return ((1ull << zeros) | low) - 1;
-  };
-
   auto one = [&](uint64_t& xs, size_t i) __attribute__((always_inline)) {
-    const int32_t id = indexes[i];
-    if (__builtin_expect(static_cast<uint32_t>(id) >= rows, 0)) throw_index(i, id, rows);
-    const uint32_t* cdf = cdf_all + rs[id];
+    const int32_t id = src(i);
+    const RowInfo& ri = info[id];
     const uint32_t slot = static_cast<uint32_t>(xs) & (kProbScale - 1);
-    uint32_t s = bucket[(static_cast<size_t>(id) << kBucketBits) + (slot >> kBucketShift)];
-    while (cdf[s + 1] <= slot) ++s;
-    const uint32_t b = cdf[s];
-    const uint32_t f = cdf[s + 1] - b;
+    uint32_t s = ri.bucket[slot >> kBucketShift];
+    while (ri.cdf[s + 1] <= slot) ++s;
+    const uint32_t b = ri.cdf[s];
+    const uint32_t f = ri.cdf[s + 1] - b;
     uint64_t xx = f * (xs >> kPrecision) + slot - b;
     const bool need = xx < kRansL;
     const uint64_t w = words[pos];
     xx = need ? ((xx << 32) | w) : xx;
     pos += need;
     xs = xx;
-    const int64_t e = len[id] - 2;
-    int64_t o;
-    if (__builtin_expect(static_cast<int64_t>(s) < e, 1)) {
-      o = static_cast<int64_t>(s) + off[id];
-      if (__builtin_expect(o > std::numeric_limits<int32_t>::max(), 0))
-        throw Error("decoded value out of int32 range at element " + std::to_string(i));
-    } else {
-      o = finish_escape(golomb(i), e, off[id], i);
-    }
-    out[i] = static_cast<int32_t>(o);
+    if (__builtin_expect(static_cast<int32_t>(s) < ri.esc, 1))
+      sink(i, static_cast<int32_t>(s) + ri.offset);
+    else
+      sink(i, native_escape(ri, i));
   };
   auto check = [&](size_t i) {
-    if (pos > nwords)
+    if (__builtin_expect(pos > nwords, 0))
       throw Error("truncated stream: ran out of data near element " + std::to_string(i));
   };
 
@@ -716,69 +801,286 @@ inline uint32_t half_parity(Half half, size_t r) {
   // anchors: (even row, odd col), (odd row, even col); non-anchors the rest
   return half == Half::Anchor ? static_cast<uint32_t>((r + 1) & 1) : static_cast<uint32_t>(r & 1);
 }
+
+// Row kernels, written so that GCC auto-vectorises them; on x86-64 Linux an AVX2
+// clone is selected at load time (function multiversioning), the default clone is
+// SSE2.  Results are identical (integer / IEEE float32 ops only, no contraction).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
+    !defined(RANS_NO_MULTIVERSION) && !defined(__SANITIZE_ADDRESS__)
+#define RANS_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define RANS_MULTIVERSION
+#endif
+
+/// symbols of one squeezed row; returns bit 1 if a value cannot be coded
+RANS_MULTIVERSION
+int row_quantize(const float* __restrict yr, const float* __restrict mr, size_t Wh,
+                 int32_t* __restrict sym) {
+  int bad_sym = 0;
+  for (size_t j = 0; j < Wh; ++j) {
+    const float rr = round_half_even(yr[2 * j] - mr[2 * j]);
+    const bool ok = (rr >= -2147483648.0f) & (rr < 2147483648.0f);  // false for NaN
+    bad_sym |= ok ? 0 : 2;
+    const float safe = ok ? rr : 0.0f;
+    sym[j] = static_cast<int32_t>(safe);
+  }
+  return bad_sym;
+}
+
+RANS_MULTIVERSION
+int row_indexes(const float* __restrict sr, size_t Wh, IndexLut L, int32_t* __restrict idx) {
+  int bad_scale = 0;
+  for (size_t j = 0; j < Wh; ++j) {
+    float sc = sr[2 * j];
+    bad_scale |= (sc != sc) ? 1 : 0;
+    idx[j] = lut_index(clamp_scale(sc), L);
+  }
+  return bad_scale;
+}
+
+RANS_MULTIVERSION
+void row_dequantize(const int32_t* __restrict sym, const float* __restrict m0, size_t Wh,
+                    uint32_t par, float* __restrict out) {
+  if (par == 0) {
+    for (size_t j = 0; j < Wh; ++j) {
+      out[2 * j] = static_cast<float>(sym[j]) + m0[2 * j];
+      out[2 * j + 1] = 0.0f;
+    }
+  } else {
+    for (size_t j = 0; j < Wh; ++j) {
+      out[2 * j] = 0.0f;
+      out[2 * j + 1] = static_cast<float>(sym[j]) + m0[2 * j + 1];
+    }
+  }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define RANS_HAVE_AVX2_KERNEL 1
+/// AVX2 version of row_indexes with hardware gathers (GCC does not emit them itself).
+/// `avail`: floats readable from sr (the squeezed row reads sr[0], sr[2], ...).
+__attribute__((target("avx2"))) int row_indexes_avx2(const float* sr, size_t Wh, size_t avail,
+                                                     IndexLut L, int32_t* idx) {
+  const __m256 lo = _mm256_set1_ps(0.11f);
+  const __m256i base = _mm256_set1_epi32(L.base);
+  const __m256i last = _mm256_set1_epi32(L.last);
+  const __m256i zero = _mm256_setzero_si256();
+  const __m128i sh = _mm_cvtsi32_si128(L.shift);
+  __m256 nan_acc = _mm256_setzero_ps();
+  size_t j = 0;
+  for (; 2 * j + 16 <= avail && j + 8 <= Wh; j += 8) {
+    const __m256 a = _mm256_loadu_ps(sr + 2 * j);
+    const __m256 b = _mm256_loadu_ps(sr + 2 * j + 8);
+    __m256 ev = _mm256_shuffle_ps(a, b, 0x88);  // a0 a2 b0 b2 | a4 a6 b4 b6
+    ev = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8));
+    nan_acc = _mm256_or_ps(nan_acc, _mm256_cmp_ps(ev, ev, _CMP_UNORD_Q));
+    const __m256 sc = _mm256_max_ps(ev, lo);  // == (s < 0.11 ? 0.11 : s) for non-NaN s
+    const __m256i u = _mm256_castps_si256(sc);
+    __m256i bk = _mm256_sra_epi32(_mm256_sub_epi32(u, base), sh);
+    bk = _mm256_min_epi32(_mm256_max_epi32(bk, zero), last);
+    const __m256i cnt = _mm256_i32gather_epi32(L.cnt, bk, 4);
+    const __m256i thr = _mm256_i32gather_epi32(L.thr, bk, 4);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + j),
+                        _mm256_sub_epi32(cnt, _mm256_cmpgt_epi32(u, thr)));
+  }
+  int bad = _mm256_movemask_ps(nan_acc) ? 1 : 0;
+  for (; j < Wh; ++j) {
+    const float sc = sr[2 * j];
+    bad |= (sc != sc) ? 1 : 0;
+    idx[j] = lut_index(clamp_scale(sc), L);
+  }
+  return bad;
+}
+#endif
+
+#if defined(RANS_HAVE_AVX2_KERNEL)
+#define RANS_HAVE_AVX512_KERNEL 1
+/// AVX-512 kernels (16 lanes, masked tails, exact 128-entry bucket lookups by permutes).
+/// Used when the CPU has AVX-512F and the index bucket table has at most 128 entries.
+struct Lut512 {
+  __m512i c[8], t[8];
+};
+
+__attribute__((target("avx512f"))) inline __m512i lookup128(const __m512i* T, __m512i bk) {
+  const __m512i a = _mm512_permutex2var_epi32(T[0], bk, T[1]);
+  const __m512i b = _mm512_permutex2var_epi32(T[2], bk, T[3]);
+  const __m512i c = _mm512_permutex2var_epi32(T[4], bk, T[5]);
+  const __m512i d = _mm512_permutex2var_epi32(T[6], bk, T[7]);
+  const __mmask16 b5 = _mm512_test_epi32_mask(bk, _mm512_set1_epi32(32));
+  const __mmask16 b6 = _mm512_test_epi32_mask(bk, _mm512_set1_epi32(64));
+  return _mm512_mask_blend_epi32(b6, _mm512_mask_blend_epi32(b5, a, b),
+                                 _mm512_mask_blend_epi32(b5, c, d));
+}
+
+/// even lanes of the 2*rem-1 floats at p (masked: never reads past them)
+__attribute__((target("avx512f"))) inline __m512 load_even(const float* p, size_t rem) {
+  const size_t f = 2 * rem - 1;
+  const uint32_t m = f >= 32 ? 0xFFFFFFFFu : ((1u << f) - 1);
+  const __m512 lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>(m & 0xFFFF), p);
+  const __m512 hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>(m >> 16), p + 16);
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  return _mm512_permutex2var_ps(lo, even, hi);
+}
+
+__attribute__((target("avx512f"))) inline __m512i index16(__m512 s, const IndexLut& L,
+                                                          const __m512i* C, const __m512i* T) {
+  const __m512 sc = _mm512_max_ps(s, _mm512_set1_ps(0.11f));  // NaN flagged by the caller
+  const __m512i u = _mm512_castps_si512(sc);
+  __m512i bk = _mm512_sra_epi32(_mm512_sub_epi32(u, _mm512_set1_epi32(L.base)),
+                                _mm_cvtsi32_si128(L.shift));
+  bk = _mm512_min_epi32(_mm512_max_epi32(bk, _mm512_setzero_si512()), _mm512_set1_epi32(L.last));
+  const __m512i cnt = lookup128(C, bk);
+  const __m512i thr = lookup128(T, bk);
+  const __mmask16 gt = _mm512_cmpgt_epi32_mask(u, thr);
+  return _mm512_mask_add_epi32(cnt, gt, cnt, _mm512_set1_epi32(1));
+}
+
+__attribute__((target("avx512f"))) int row_indexes_avx512(const float* sr, size_t Wh, size_t,
+                                                         IndexLut L, int32_t* idx) {
+  __m512i C[8], T[8];
+  for (int q = 0; q < 8; ++q) {
+    C[q] = _mm512_loadu_si512(L.cnt + 16 * q);
+    T[q] = _mm512_loadu_si512(L.thr + 16 * q);
+  }
+  __mmask16 nan = 0;
+  for (size_t j = 0; j < Wh; j += 16) {
+    const size_t rem = std::min<size_t>(16, Wh - j);
+    const __mmask16 km = static_cast<__mmask16>(rem == 16 ? 0xFFFF : ((1u << rem) - 1));
+    const __m512 s = load_even(sr + 2 * j, rem);
+    nan |= _mm512_mask_cmp_ps_mask(km, s, s, _CMP_UNORD_Q);
+    _mm512_mask_storeu_epi32(idx + j, km, index16(s, L, C, T));
+  }
+  return nan ? 1 : 0;
+}
+
+/// encoder row: symbols, indexes and y_hat (both parities) of one squeezed row
+__attribute__((target("avx512f"))) int row_encode_avx512(const float* yr, const float* mr,
+                                                        const float* sr, size_t Wh, IndexLut L,
+                                                        int32_t* sym, int32_t* idx,
+                                                        float* out_row, uint32_t par) {
+  __m512i C[8], T[8];
+  for (int q = 0; q < 8; ++q) {
+    C[q] = _mm512_loadu_si512(L.cnt + 16 * q);
+    T[q] = _mm512_loadu_si512(L.thr + 16 * q);
+  }
+  const __m512i ilo = par ? _mm512_set_epi32(7, 16, 6, 16, 5, 16, 4, 16, 3, 16, 2, 16, 1, 16, 0, 16)
+                          : _mm512_set_epi32(16, 7, 16, 6, 16, 5, 16, 4, 16, 3, 16, 2, 16, 1, 16, 0);
+  const __m512i ihi = par ? _mm512_set_epi32(15, 16, 14, 16, 13, 16, 12, 16, 11, 16, 10, 16, 9, 16, 8, 16)
+                          : _mm512_set_epi32(16, 15, 16, 14, 16, 13, 16, 12, 16, 11, 16, 10, 16, 9, 16, 8);
+  const __m512 zero = _mm512_setzero_ps();
+  __mmask16 nan = 0, bad = 0;
+  for (size_t j = 0; j < Wh; j += 16) {
+    const size_t rem = std::min<size_t>(16, Wh - j);
+    const __mmask16 km = static_cast<__mmask16>(rem == 16 ? 0xFFFF : ((1u << rem) - 1));
+    const __m512 y = load_even(yr + 2 * j, rem);
+    const __m512 m = load_even(mr + 2 * j, rem);
+    const __m512 s = load_even(sr + 2 * j, rem);
+    const __m512 r = _mm512_roundscale_ps(_mm512_sub_ps(y, m), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __mmask16 ok = _mm512_cmp_ps_mask(r, _mm512_set1_ps(-2147483648.0f), _CMP_GE_OQ) &
+                         _mm512_cmp_ps_mask(r, _mm512_set1_ps(2147483648.0f), _CMP_LT_OQ);
+    bad |= static_cast<__mmask16>(km & ~ok);
+    const __m512i si = _mm512_cvttps_epi32(_mm512_maskz_mov_ps(ok, r));
+    _mm512_mask_storeu_epi32(sym + j, km, si);
+    const __m512 yh = _mm512_add_ps(_mm512_cvtepi32_ps(si), m);
+    const size_t f = 2 * rem;
+    const uint32_t om = f >= 32 ? 0xFFFFFFFFu : ((1u << f) - 1);
+    _mm512_mask_storeu_ps(out_row + 2 * j, static_cast<__mmask16>(om & 0xFFFF),
+                          _mm512_permutex2var_ps(yh, ilo, zero));
+    _mm512_mask_storeu_ps(out_row + 2 * j + 16, static_cast<__mmask16>(om >> 16),
+                          _mm512_permutex2var_ps(yh, ihi, zero));
+    nan |= _mm512_mask_cmp_ps_mask(km, s, s, _CMP_UNORD_Q);
+    _mm512_mask_storeu_epi32(idx + j, km, index16(s, L, C, T));
+  }
+  return (nan ? 1 : 0) | (bad ? 2 : 0);
+}
+#endif
+
+using RowIndexFn = int (*)(const float*, size_t, size_t, IndexLut, int32_t*);
+
+int row_indexes_generic(const float* sr, size_t Wh, size_t, IndexLut L, int32_t* idx) {
+  return row_indexes(sr, Wh, L, idx);
+}
+
+bool cpu_has(const char* what) {
+#if defined(RANS_HAVE_AVX2_KERNEL) && !defined(__SANITIZE_ADDRESS__)
+  __builtin_cpu_init();
+  if (std::strcmp(what, "avx512f") == 0) return __builtin_cpu_supports("avx512f");
+  if (std::strcmp(what, "avx2") == 0) return __builtin_cpu_supports("avx2");
+#endif
+  (void)what;
+  return false;
+}
+
+RowIndexFn pick_row_indexes() {
+#ifdef RANS_HAVE_AVX2_KERNEL
+  if (cpu_has("avx2")) return row_indexes_avx2;
+#endif
+  return row_indexes_generic;
+}
+
+const RowIndexFn g_row_indexes = pick_row_indexes();
+const bool g_avx512 = cpu_has("avx512f") && std::getenv("RANS_NO_AVX512") == nullptr;
+
+/// indexes of one squeezed row; avail = readable floats from sr
+int row_indexes_any(const Tables& t, const float* sr, size_t Wh, size_t avail, int32_t* idx) {
+#ifdef RANS_HAVE_AVX512_KERNEL
+  if (g_avx512 && t.lut_n_ != 0 && t.lut_n_ <= 128)
+    return row_indexes_avx512(sr, Wh, avail, make_lut(t), idx);
+#endif
+  if (t.lut_n_ != 0) return g_row_indexes(sr, Wh, avail, make_lut(t), idx);
+  int bad = 0;
+  for (size_t j = 0; j < Wh; ++j) {
+    const float sc = sr[2 * j];
+    bad |= (sc != sc) ? 1 : 0;
+    idx[j] = t.scale_index(clamp_scale(sc));
+  }
+  return bad;
+}
+
+void check_gaussian(const Tables& t) {
+  if (!t.has_scale_table()) throw Error("these tables have no scale table (not Gaussian tables)");
+}
+
+void throw_flags(int flags) {
+  if (flags & 1) throw Error("NaN scale in the entropy parameters");
+  if (flags & 2)
+    throw Error("y - mean is NaN, infinite or outside the int32 range: symbol cannot be coded");
+}
+
+
 }  // namespace
 
 void gaussian_symbols(const Tables& t, const float* y, const float* scales, const float* means,
                       size_t C, size_t H, size_t W, Half half, int32_t* symbols,
                       int32_t* indexes, float* y_hat) {
-  if (!t.has_scale_table()) throw Error("these tables have no scale table (not Gaussian tables)");
+  check_gaussian(t);
   half_size(C, H, W);
   const size_t Wh = W / 2;
-  bool bad_scale = false, bad_sym = false;
+  int flags = 0;
   size_t k = 0;
   for (size_t c = 0; c < C; ++c) {
-    for (size_t r = 0; r < H; ++r) {
+    for (size_t r = 0; r < H; ++r, k += Wh) {
       const uint32_t par = half_parity(half, r);
       const size_t base = (c * H + r) * W;
-      const float* yr = y + base + par;
-      const float* mr = means + base + par;
-      const float* sr = scales + base + par;
-      for (size_t j = 0; j < Wh; ++j, ++k) {
-        const float mu = mr[2 * j];
-        const float rr = round_half_even(yr[2 * j] - mu);
-        const bool ok = fits_int32(rr);
-        bad_sym |= !ok;
-        symbols[k] = ok ? static_cast<int32_t>(rr) : 0;
-        float s = sr[2 * j];
-        bad_scale |= (s != s);
-        s = s < 0.11f ? 0.11f : s;
-        indexes[k] = t.scale_index(s);
-      }
-      if (y_hat) {
-        float* out = y_hat + base;
-        const int32_t* sk = symbols + (k - Wh);
-        const float* m0 = means + base;
-        for (size_t j = 0; j < Wh; ++j) {
-          out[2 * j + par] = static_cast<float>(sk[j]) + m0[2 * j + par];
-          out[2 * j + 1 - par] = 0.0f;
-        }
-      }
+      flags |= row_quantize(y + base + par, means + base + par, Wh, symbols + k);
+      flags |= row_indexes_any(t, scales + base + par, Wh, W - par, indexes + k);
+      if (y_hat) row_dequantize(symbols + k, means + base, Wh, par, y_hat + base);
     }
   }
-  if (bad_scale) throw Error("NaN scale in the entropy parameters");
-  if (bad_sym)
-    throw Error("y - mean is NaN, infinite or outside the int32 range: symbol cannot be coded");
+  throw_flags(flags);
 }
 
 void gaussian_indexes(const Tables& t, const float* scales, size_t C, size_t H, size_t W,
                       Half half, int32_t* indexes) {
-  if (!t.has_scale_table()) throw Error("these tables have no scale table (not Gaussian tables)");
+  check_gaussian(t);
   half_size(C, H, W);
   const size_t Wh = W / 2;
-  bool bad_scale = false;
+  int flags = 0;
   size_t k = 0;
-  for (size_t c = 0; c < C; ++c) {
-    for (size_t r = 0; r < H; ++r) {
-      const float* sr = scales + (c * H + r) * W + half_parity(half, r);
-      for (size_t j = 0; j < Wh; ++j, ++k) {
-        float s = sr[2 * j];
-        bad_scale |= (s != s);
-        s = s < 0.11f ? 0.11f : s;
-        indexes[k] = t.scale_index(s);
-      }
-    }
-  }
-  if (bad_scale) throw Error("NaN scale in the entropy parameters");
+  for (size_t c = 0; c < C; ++c)
+    for (size_t r = 0; r < H; ++r, k += Wh)
+      flags |= row_indexes_any(t, scales + (c * H + r) * W + half_parity(half, r), Wh,
+                               W - half_parity(half, r), indexes + k);
+  throw_flags(flags);
 }
 
 void gaussian_dequantize(const int32_t* symbols, const float* means, size_t C, size_t H,
@@ -787,15 +1089,9 @@ void gaussian_dequantize(const int32_t* symbols, const float* means, size_t C, s
   const size_t Wh = W / 2;
   size_t k = 0;
   for (size_t c = 0; c < C; ++c) {
-    for (size_t r = 0; r < H; ++r) {
-      const uint32_t par = half_parity(half, r);
+    for (size_t r = 0; r < H; ++r, k += Wh) {
       const size_t base = (c * H + r) * W;
-      float* out = y_hat + base;
-      const float* m0 = means + base;
-      for (size_t j = 0; j < Wh; ++j, ++k) {
-        out[2 * j + par] = static_cast<float>(symbols[k]) + m0[2 * j + par];
-        out[2 * j + 1 - par] = 0.0f;
-      }
+      row_dequantize(symbols + k, means + base, Wh, half_parity(half, r), y_hat + base);
     }
   }
 }
@@ -808,15 +1104,40 @@ YEncoder::YEncoder(TablesPtr tables, Format fmt) : t_(std::move(tables)), fmt_(f
 void YEncoder::encode_half(const float* y, const float* scales, const float* means, size_t C,
                            size_t H, size_t W, Half half, float* y_hat) {
   const size_t n = half_size(C, H, W);
-  symbols_.reserve(n_ + n);
-  indexes_.reserve(n_ + n);
-  gaussian_symbols(*t_, y, scales, means, C, H, W, half, symbols_.data() + n_,
-                   indexes_.data() + n_, y_hat);
+  symbols_.reserve(n_ + n, n_);
+  indexes_.reserve(n_ + n, n_);
+  const size_t Wh = W / 2;
+  int32_t* sym = symbols_.data() + n_;
+  int32_t* idx = indexes_.data() + n_;
+  int flags = 0;
+  size_t k = 0;
+#ifdef RANS_HAVE_AVX512_KERNEL
+  const bool v512 = g_avx512 && t_->lut_n_ != 0 && t_->lut_n_ <= 128;
+  const IndexLut L = make_lut(*t_);
+#endif
+  for (size_t c = 0; c < C; ++c) {
+    for (size_t r = 0; r < H; ++r, k += Wh) {
+      const uint32_t par = half_parity(half, r);
+      const size_t base = (c * H + r) * W;
+#ifdef RANS_HAVE_AVX512_KERNEL
+      if (v512) {
+        flags |= row_encode_avx512(y + base + par, means + base + par, scales + base + par, Wh, L,
+                                   sym + k, idx + k, y_hat + base, par);
+        continue;
+      }
+#endif
+      flags |= row_quantize(y + base + par, means + base + par, Wh, sym + k);
+      flags |= row_indexes_any(*t_, scales + base + par, Wh, W - par, idx + k);
+      row_dequantize(sym + k, means + base, Wh, par, y_hat + base);
+    }
+  }
+  throw_flags(flags);
   n_ += n;  // only after success: a failed half leaves nothing behind
 }
 
 std::vector<uint8_t> YEncoder::finish() {
-  return encode_with_indexes(*t_, fmt_, symbols_.data(), indexes_.data(), n_);
+  const TrustedIdx src{indexes_.data()};
+  return encode_t(*t_, fmt_, symbols_.data(), n_, src);
 }
 
 YDecoder::YDecoder(TablesPtr tables, Format fmt, const uint8_t* data, size_t size)
@@ -829,8 +1150,11 @@ void YDecoder::decode_half(const float* scales, const float* means, size_t C, si
   const size_t n = half_size(C, H, W);
   idx_.reserve(n);
   sym_.reserve(n);
+  // NaN scales are rejected before anything is decoded (the decoder stays usable)
   gaussian_indexes(*t_, scales, C, H, W, half, idx_.data());
-  dec_.decode(idx_.data(), n, sym_.data());
+  TrustedIdx src{idx_.data()};
+  ArraySink sink{sym_.data()};
+  dec_.run(n, src, sink);
   gaussian_dequantize(sym_.data(), means, C, H, W, half, y_hat);
 }
 

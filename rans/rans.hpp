@@ -52,6 +52,15 @@ struct EncSym {
 };
 static_assert(sizeof(EncSym) == 16, "EncSym must stay 16 bytes");
 
+/// Per-row data the coders touch for every element (one load instead of four).
+struct RowInfo {
+  const uint32_t* cdf;     // cdf_length entries
+  const uint16_t* bucket;  // 1 << kBucketBits entries: symbol at each bucket start
+  const EncSym* enc;       // one per symbol
+  int32_t offset;
+  int32_t esc;             // escape symbol = cdf_length - 2
+};
+
 /// A validated set of quantized CDF rows (GaussianConditional or EntropyBottleneck),
 /// optionally with the float32 scale table used to compute indexes.
 class Tables {
@@ -60,6 +69,8 @@ class Tables {
   /// scale_table (may be null): n_scale float32 values, must equal rows.
   Tables(const int32_t* cdf, size_t rows, size_t width, const int32_t* lengths,
          const int32_t* offsets, const float* scale_table, size_t n_scale);
+  Tables(const Tables&) = delete;  // info_ points into the vectors
+  Tables& operator=(const Tables&) = delete;
 
   size_t rows() const { return rows_; }
   size_t width() const { return width_; }
@@ -78,7 +89,7 @@ class Tables {
       const int64_t d = static_cast<int64_t>(u) - static_cast<int64_t>(lut_base_bits_);
       int64_t b = d < 0 ? 0 : (d >> lut_shift_);
       b = b < static_cast<int64_t>(lut_n_) ? b : static_cast<int64_t>(lut_n_) - 1;
-      return lut_count_[b] + static_cast<int32_t>(lut_thr_[b] < u);
+      return lut_count_[b] + static_cast<int32_t>(lut_thr_[b] < static_cast<int32_t>(u));
     }
     const float* t = thresholds_.data();
     uint32_t pos = 0;
@@ -94,11 +105,12 @@ class Tables {
   std::vector<int32_t> offset_;      // offset per row
   std::vector<EncSym> enc_;          // packed like cdf_ (one per symbol, last unused)
   std::vector<uint16_t> bucket_;     // rows x (1<<kBucketBits)
+  std::vector<RowInfo> info_;
   std::vector<float> scale_table_;
   std::vector<float> thresholds_;    // padded to thr_size_ with +inf
   uint32_t thr_size_ = 1;
   // bit-pattern bucket table for scale_index (lut_n_ == 0: not usable, binary search)
-  std::vector<uint32_t> lut_thr_;
+  std::vector<int32_t> lut_thr_;   // threshold bits in the bucket or INT32_MAX
   std::vector<int32_t> lut_count_;
   uint32_t lut_base_bits_ = 0, lut_shift_ = 0, lut_n_ = 0;
 
@@ -119,15 +131,16 @@ class Buf {
   ~Buf();
   Buf(const Buf&) = delete;
   Buf& operator=(const Buf&) = delete;
-  void reserve(size_t need) {
-    if (v_.size() < need) grow(need);
+  /// Make room for `need` elements, keeping the first `used` ones.
+  void reserve(size_t need, size_t used = 0) {
+    if (v_.size() < need) grow(need, used);
   }
   T* data() { return v_.data(); }
   const T* data() const { return v_.data(); }
   size_t capacity() const { return v_.size(); }
 
  private:
-  void grow(size_t need);
+  void grow(size_t need, size_t used);
   std::vector<T> v_;
 };
 extern template class Buf<int32_t>;
@@ -148,11 +161,22 @@ class Decoder {
   void finish();
   Format format() const { return fmt_; }
 
+  /// Generic decode of n elements: src(i) -> row index (validated), sink(i, value).
+  /// Defined in rans.cpp (instantiated there only).
+  template <class Src, class Sink>
+  void run(size_t n, Src& src, Sink& sink);
+
  private:
+  friend class YDecoder;
   void fail(const std::string& msg);
   void load_words(const uint8_t* p);
-  void decode_compat(const int32_t* indexes, size_t n, int32_t* out);
-  void decode_native(const int32_t* indexes, size_t n, int32_t* out);
+  template <class Src, class Sink>
+  void run_compat(size_t n, Src& src, Sink& sink);
+  template <class Src, class Sink>
+  void run_native(size_t n, Src& src, Sink& sink);
+  int32_t compat_escape(const RowInfo& ri, size_t i);
+  int32_t native_escape(const RowInfo& ri, size_t i);
+  uint64_t read_golomb(size_t i);
 
   TablesPtr t_;
   Format fmt_;

@@ -546,3 +546,49 @@ def test_escape_range_compat_matches_compressai_range(tables):
         np.testing.assert_array_equal(ec.decode_with_indexes(s, idx, gt, fmt), vals)
     s = ec.encode_with_indexes(vals, idx, gt, "compat")
     assert s == reference_encode(vals.astype(np.int64), idx, raw["gc_quantized_cdf"], raw["gc_cdf_length"], raw["gc_offset"])
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 70), (1, 4, 96), (3, 2, 34), (1, 1, 2)])
+def test_simd_kernels_match_numpy(tables, shape):
+    """Wide rows exercise the full SIMD vectors (the fixture rows are short)."""
+    gt, _, _ = tables
+    rng = np.random.default_rng(sum(shape))
+    st_ = gt.scale_table
+    scales = rng.choice(np.concatenate([st_, np.nextafter(st_, np.float32(0)), rng.uniform(0, 300, 200).astype(np.float32), np.float32([0, -3, np.inf])]), size=shape).astype(np.float32)
+    means = rng.normal(0, 5, shape).astype(np.float32)
+    y = (means + rng.normal(0, 20, shape) + rng.choice([0, 0.5, -0.5], shape)).astype(np.float32)
+    y[..., ::7] = np.round(y[..., ::7]) + np.float32(0.5)  # ties
+    for fmt in ec.FORMATS:
+        enc = ec.YEncoder(gt, fmt)
+        outs = []
+        for half in HALVES:
+            y_hat = enc.encode_half(y, scales, means, half)
+            sym = np.round(squeeze_half(y, half) - squeeze_half(means, half)).astype(np.int32)
+            idx = np.searchsorted(st_[:-1], np.maximum(squeeze_half(scales, half), np.float32(0.11)), side="left")
+            s2, i2 = ec.gaussian_symbols(y, scales, means, half, tables=gt)
+            np.testing.assert_array_equal(s2, sym.ravel())
+            np.testing.assert_array_equal(i2, idx.ravel())
+            np.testing.assert_array_equal(squeeze_half(y_hat, half), sym.astype(np.float32) + squeeze_half(means, half))
+            assert not squeeze_half(y_hat, "nonanchor" if half == "anchor" else "anchor").any()
+            outs.append(y_hat)
+        n = enc.symbols.size
+        np.testing.assert_array_equal(enc.indexes[: n // 2], np.searchsorted(st_[:-1], np.maximum(squeeze_half(scales, "anchor"), np.float32(0.11)), side="left").ravel())
+        dec = ec.YDecoder(enc.finish(), gt, fmt)
+        for half, want in zip(HALVES, outs):
+            np.testing.assert_array_equal(dec.decode_half(scales, means, half), want)
+        dec.finish()
+
+
+def test_y_decoder_rejects_nan_scales(tables):
+    gt, _, _ = tables
+    y = np.zeros((2, 4, 40), np.float32)
+    sc = np.ones_like(y)
+    enc = ec.YEncoder(gt)
+    enc.encode_half(y, sc, y, "anchor")
+    dec = ec.YDecoder(enc.finish(), gt)
+    bad = sc.copy()
+    bad[1, 3, 20] = np.nan  # odd row, even column: an anchor position
+    with pytest.raises(ValueError, match="NaN scale"):
+        dec.decode_half(bad, y, "anchor")
+    dec.decode_half(sc, y, "anchor")  # nothing was consumed by the failed call
+    dec.finish()
