@@ -551,18 +551,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def start(settings: ServeSettings, ray_init: dict[str, Any] | None = None) -> str:
-    """Start (or join) Ray, deploy the service, and return its base URL once it is ready.
-
-    The artifact directory is checked here first, so a bad path fails fast with the
-    manifest's message instead of as a crash-looping replica.
-    """
+def init_ray(settings: ServeSettings, ray_init: dict[str, Any] | None = None) -> None:
+    """Start a local Ray instance, or join the cluster named by ``RAY_ADDRESS``; no-op if connected."""
     import ray
-    from ray import serve
 
-    if settings.codec_factory is None:
-        artifacts = str(load_manifest(settings.artifacts)[1].resolve())
-        settings = dataclasses.replace(settings, artifacts=artifacts)
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
@@ -573,6 +565,20 @@ def start(settings: ServeSettings, ray_init: dict[str, Any] | None = None) -> st
             kwargs["num_cpus"] = max(os.cpu_count() or 1, int(np.ceil(settings.replicas * settings.cpus_per_replica)) + 1)
         kwargs.update(ray_init or {})
         ray.init(**kwargs)
+
+
+def start(settings: ServeSettings, ray_init: dict[str, Any] | None = None) -> str:
+    """Start (or join) Ray, deploy the service, and return its base URL once it is ready.
+
+    The artifact directory is checked here first, so a bad path fails fast with the
+    manifest's message instead of as a crash-looping replica.
+    """
+    from ray import serve
+
+    if settings.codec_factory is None:
+        artifacts = str(load_manifest(settings.artifacts)[1].resolve())
+        settings = dataclasses.replace(settings, artifacts=artifacts)
+    init_ray(settings, ray_init)
     serve.start(http_options={"host": settings.host, "port": settings.port,
                               # The app enforces timeout_s itself; the proxy's bound is a backstop.
                               "request_timeout_s": settings.timeout_s + 30})
@@ -653,9 +659,12 @@ def main(argv: list[str] | None = None) -> int:
         print('error: Ray Serve is not installed; pip install "diffeic-runtime[serve]"', file=sys.stderr)
         return 2
     done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
     try:
+        init_ray(settings)
+        # After ray.init, which installs its own fatal-signal handlers (SIGTERM would abort
+        # the process without shutting Serve down); a signal during deployment stops after it.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
         url = start(settings)
         print(f"serving at {url} (POST /encode, POST /decode, GET /healthz, /docs); Ctrl-C stops", file=sys.stderr)
         done.wait()
