@@ -25,15 +25,23 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from export.models.lfgcm import LFGCM, get_scale_table
+from export.models.layers import (
+    ckbd_anchor_squeeze,
+    ckbd_anchor_unsqueeze,
+    ckbd_nonanchor_squeeze,
+    ckbd_nonanchor_unsqueeze,
+)
+from export.models.lfgcm import LFGCM, build_indexes, get_scale_table
+from runtime.portable import FORMAT_VERSION as PORTABLE_FORMAT_VERSION
 from runtime.portable import (
     ACT_NONE,
     GEMM_BOUND,
@@ -45,8 +53,9 @@ from runtime.portable import (
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CalibrationSample", "calibrate_portable", "write_portable", "calibration_images",
-    "calibration_samples", "gelu_lut",
+    "PORTABLE_FORMAT_VERSION", "CalibrationSample", "calibrate_portable", "write_portable", "calibration_images",
+    "calibration_samples", "gelu_lut", "perturbed_float_networks", "float_slice_loop",
+    "reference_encode", "reference_desync", "round_symbols",
 ]
 
 #: Default activation headroom: calibrated max |x| maps to 2^(15 - headroom) (x4 margin).
@@ -322,3 +331,122 @@ def write_portable(params: PortableParams, out_dir: str | Path, name: str = "por
     """Write ``portable.npz`` into ``out_dir``; returns (file name, sha256) for the manifest."""
     path = Path(out_dir) / name
     return name, params.save(path)
+
+
+# =========================================================================== float reference + desync harness
+#
+# Used by tests/test_portable.py and benchmarks/bench_portable.py: the float (reference)
+# entropy path, run in torch, with optional perturbation of every float output of the
+# entropy networks, to measure how often a decoder whose floats differ slightly from the
+# encoder's desynchronises.
+
+SymbolFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+@contextmanager
+def perturbed_float_networks(lfgcm: LFGCM, rel: float, seed: int = 0) -> Iterator[None]:
+    """Multiply every output element of the hyper decoder / context / entropy-parameter
+    convolutions by ``1 + rel * (+-1)`` (random sign) while the context is active.
+
+    ``rel = 2**-10`` is about one float16 ulp, ``2**-23`` one float32 ulp: the size of the
+    differences between two float backends (fp16 kernels, other summation orders).
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        sign = torch.randint(0, 2, output.shape, generator=gen).to(output.dtype) * 2 - 1
+        return output * (1 + rel * sign)
+
+    handles = [m.register_forward_hook(hook) for m in _float_modules(lfgcm).values()] if rel else []
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def float_slice_loop(lfgcm: LFGCM, z_hat: torch.Tensor, symbols_fn: SymbolFn, y: torch.Tensor | None = None,
+                     scale_table: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The reference (float) entropy path: hyper decoder + slices x (anchor, non-anchor).
+
+    ``symbols_fn(indexes, means, y_half)`` returns the integer symbols of one half (squeezed
+    maps of one half of ``y``; None on the decoder side, where ``y`` is None). Returns
+    y_hat and the concatenated symbols/indexes (int32, stream order).
+    """
+    table = get_scale_table() if scale_table is None else torch.as_tensor(scale_table, dtype=torch.float32)
+    hyper_params = lfgcm.hyper_dec(z_hat)
+    syms: list[torch.Tensor] = []
+    idxs: list[torch.Tensor] = []
+    slices: list[torch.Tensor] = []
+
+    def half(params: torch.Tensor, sq: Callable, unsq: Callable, y_sl: torch.Tensor | None) -> torch.Tensor:
+        scales, means = params.chunk(2, 1)
+        means_sq = sq(means)
+        idx = build_indexes(sq(scales), table)
+        s = symbols_fn(idx, means_sq, None if y_sl is None else sq(y_sl)).to(torch.float32).reshape(idx.shape)
+        syms.append(s.reshape(-1).to(torch.int32))
+        idxs.append(idx.reshape(-1))
+        return unsq(s + means_sq)
+
+    for i in range(lfgcm.slice_num):
+        a, c = lfgcm.slice_start[i], lfgcm.slice_ch[i]
+        y_sl = None if y is None else y[:, a:a + c]
+        params_a, cctx = lfgcm.anchor_params(i, hyper_params, torch.cat(slices, 1) if i else None)
+        anchor = half(params_a, ckbd_anchor_squeeze, ckbd_anchor_unsqueeze, y_sl)
+        params_n = lfgcm.nonanchor_params(i, anchor, hyper_params, cctx)
+        slices.append(anchor + half(params_n, ckbd_nonanchor_squeeze, ckbd_nonanchor_unsqueeze, y_sl))
+    return {"y_hat": torch.cat(slices, 1), "symbols": torch.cat(syms), "indexes": torch.cat(idxs)}
+
+
+def round_symbols(idx: torch.Tensor, means: torch.Tensor, y_half: torch.Tensor | None) -> torch.Tensor:
+    """symbols_fn of the encoder: round_half_even(y - mu) in float32 (compressai)."""
+    if y_half is None:
+        raise ValueError("the encoder needs y")
+    return torch.round(y_half - means)
+
+
+@torch.no_grad()
+def reference_encode(lfgcm: LFGCM, y: torch.Tensor, z_hat: torch.Tensor,
+                     scale_table: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Float reference encoder: symbols, indexes and y_hat of the official loop."""
+    return float_slice_loop(lfgcm, z_hat, round_symbols, y, scale_table)
+
+
+@torch.no_grad()
+def reference_desync(lfgcm: LFGCM, y: torch.Tensor, z_hat: torch.Tensor, tables: Any, fmt: str = "compat",
+                     rel: float = 2.0 ** -10, seed: int = 0) -> dict[str, Any]:
+    """Encode with the float model, decode with the perturbed float model; report desync.
+
+    Returns ``{"desync": bool, "error": str | None, "symbols": n, "symbol_mismatches": k,
+    "index_mismatches": j}``; a desync is a decoder error or any decoded symbol that differs.
+    """
+    from runtime.entropy_coding import encode_with_indexes
+    from runtime.portable import _index_decoder
+
+    enc = reference_encode(lfgcm, y, z_hat)
+    sym = enc["symbols"].numpy()
+    idx = enc["indexes"].numpy()
+    stream = encode_with_indexes(sym, idx, tables, fmt)
+    dec = _index_decoder(stream, tables, fmt)
+    got_idx: list[np.ndarray] = []
+
+    def read(indexes: torch.Tensor, means: torch.Tensor, y_half: torch.Tensor | None) -> torch.Tensor:
+        flat = np.ascontiguousarray(indexes.reshape(-1).numpy(), np.int32)
+        got_idx.append(flat)
+        return torch.from_numpy(np.asarray(dec.decode(flat)).astype(np.int64))
+
+    error = None
+    try:
+        with perturbed_float_networks(lfgcm, rel, seed):
+            out = float_slice_loop(lfgcm, z_hat, read)
+        dec.finish()
+        dsym = out["symbols"].numpy()
+    except ValueError as exc:
+        error, dsym = str(exc), None
+    dec_idx = np.concatenate(got_idx) if got_idx else np.zeros(0, np.int32)
+    n = min(dec_idx.size, idx.size)
+    n_idx = int((dec_idx[:n] != idx[:n]).sum())
+    n_sym = int((dsym != sym).sum()) if dsym is not None else -1
+    return {"desync": error is not None or n_sym != 0, "error": error, "symbols": int(sym.size),
+            "symbol_mismatches": n_sym, "index_mismatches": n_idx}

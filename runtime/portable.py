@@ -444,6 +444,8 @@ class PortableContextModel:
                   pos: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """Accumulator of a stride-1 'same' conv. x: int16 (C, H, W) -> int64 (O, H, W),
         or (O, n) at the positions ``pos`` (1x1 layers take x as (C, n) directly)."""
+        # Widen before im2col so the (large) column matrix is built by one copy.
+        x = x.astype(np.float64 if self.gemm == "float64" else np.int64)
         if L.k == 1 and x.ndim == 2:
             cols = x
         else:
@@ -479,12 +481,11 @@ class PortableContextModel:
                 full[:, kh:kh + (H - 1) * s + 1:s, kw:kw + (W - 1) * s + 1:s] += prod[:, kh, kw]
         return full[:, p:p + Ho, p:p + Wo] + L.bias[:, None, None]
 
-    def _run3(self, prefix: str, x: np.ndarray, pos: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-        """Three conv layers (GELU LUTs between); returns the last layer's int16 output."""
+    def _run3(self, prefix: str, x: np.ndarray) -> np.ndarray:
+        """Three 'same' conv layers (GELU LUTs between); returns the last layer's int16 output."""
         for j in range(3):
             L = self.p.layers[f"{prefix}.{j}"]
-            x = self._act(L, self._conv_acc(L, x, pos if j == 0 else None))
-            pos = None if x.ndim == 3 else pos
+            x = self._act(L, self._conv_acc(L, x))
         return x
 
     # ---------------------------------------------------------------- public pieces
