@@ -567,11 +567,13 @@ def init_ray(settings: ServeSettings, ray_init: dict[str, Any] | None = None) ->
         ray.init(**kwargs)
 
 
-def start(settings: ServeSettings, ray_init: dict[str, Any] | None = None) -> str:
+def start(settings: ServeSettings, ray_init: dict[str, Any] | None = None, app_name: str = APP_NAME,
+          route_prefix: str = "/") -> str:
     """Start (or join) Ray, deploy the service, and return its base URL once it is ready.
 
     The artifact directory is checked here first, so a bad path fails fast with the
-    manifest's message instead of as a crash-looping replica.
+    manifest's message instead of as a crash-looping replica. Serve's HTTP options are
+    cluster-wide: if Serve already runs, its host and port stay as they are.
     """
     from ray import serve
 
@@ -582,8 +584,8 @@ def start(settings: ServeSettings, ray_init: dict[str, Any] | None = None) -> st
     serve.start(http_options={"host": settings.host, "port": settings.port,
                               # The app enforces timeout_s itself; the proxy's bound is a backstop.
                               "request_timeout_s": settings.timeout_s + 30})
-    serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
-    url = f"http://{settings.host}:{settings.port}"
+    serve.run(build_app(settings), name=app_name, route_prefix=route_prefix, blocking=False)
+    url = f"http://{settings.host}:{settings.port}{route_prefix.rstrip('/')}"
     log.info("DiffEIC service ready at %s (%d replica(s))", url, settings.replicas)
     return url
 
@@ -601,11 +603,11 @@ def stop(shutdown_ray: bool = True) -> None:
                 ray.shutdown()
 
 
-def replica_actor_names() -> list[str]:
+def replica_actor_names(app_name: str = APP_NAME) -> list[str]:
     """Names of this service's live replica actors (namespace ``serve``), e.g. to kill one in a fault test."""
     import ray
 
-    prefix = f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT_NAME}#"
+    prefix = f"SERVE_REPLICA::{app_name}#{DEPLOYMENT_NAME}#"
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
 
 

@@ -259,3 +259,70 @@ def test_metrics_are_exported(service: str) -> None:
             break
         time.sleep(2)
     assert "diffeic_requests" in text and "diffeic_request_latency_s" in text, json.dumps(text[-500:])
+
+
+class _SlowBackend:
+    """Wraps a backend and sleeps in every denoising step: requests that are slow on purpose."""
+
+    def __init__(self, inner: Any, delay: float) -> None:
+        self.inner, self.delay, self.name = inner, delay, inner.name
+
+    def run(self, network: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if network == "control_unet":
+            time.sleep(self.delay)
+        return self.inner.run(network, inputs)
+
+    def has(self, network: str) -> bool:
+        return self.inner.has(network)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def slow_codec(artifacts: str, cfg: Any) -> Codec:
+    codec = Codec(artifacts, cfg)
+    codec.backend = _SlowBackend(codec.backend, 0.25)
+    return codec
+
+
+@pytest.mark.slow
+def test_timeout_and_backpressure(service: str, tiny_artifacts: Path, codec: Codec) -> None:
+    """A second app with a slow codec, one request at a time and one queued: a long decode
+    gets 504 at the timeout, and a burst gets 503 + Retry-After for what does not fit.
+    (slow: a second deployment adds 10-15 s to the module.)"""
+    from ray import cloudpickle
+    from ray import serve as rserve
+
+    from runtime import serve
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # replicas cannot import the tests (Ray pickles with its own cloudpickle)
+    port = int(service.rsplit(":", 1)[1])
+    settings = ServeSettings(artifacts=str(tiny_artifacts), port=port, max_batch=1, max_ongoing=1, max_queued=1,
+                             timeout_s=2, warmup=False, codec_factory=slow_codec)
+    url = serve.start(settings, app_name="diffeic-slow", route_prefix="/slow")
+    try:
+        long = codec.encode(random_image(64, 64, 0), steps=40).data  # ~10 s of steps
+        t0 = time.monotonic()
+        r = post(f"{url}/decode", long, STREAM, timeout=60)
+        assert r.status_code == 504 and r.json()["error"] == "Timeout", r.text
+        assert time.monotonic() - t0 < 10
+        short = codec.encode(random_image(64, 64, 1), steps=2).data
+        results: list[Any] = []
+        lock = threading.Lock()
+
+        def call() -> None:
+            r = post(f"{url}/decode", short, STREAM, timeout=60)
+            with lock:
+                results.append(r)
+
+        threads = [threading.Thread(target=call) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=90)
+        codes = sorted(r.status_code for r in results)
+        assert len(results) == 6 and set(codes) <= {200, 503}, codes
+        assert 200 in codes and 503 in codes, codes
+        assert all(r.headers.get("retry-after") for r in results if r.status_code == 503)
+    finally:
+        rserve.delete("diffeic-slow")
