@@ -316,12 +316,17 @@ def load_request_image(body: bytes, max_pixels: int) -> np.ndarray:
         raise ApiError(400, "BadImage", f"not a readable image ({exc})") from exc
 
 
-def check_stream_pixels(codec: Codec, data: bytes, max_pixels: int) -> None:
-    """Parse a stream (cheap) so bad input is refused with the runtime's message before queueing."""
+def check_stream_limits(codec: Codec, data: bytes, max_pixels: int, max_steps: int, steps: int | None) -> None:
+    """Parse a stream (cheap) so bad input is refused with the runtime's message before
+    queueing, and so are streams whose size or (stored) step count exceed the limits."""
     stream = codec.parse(data)
     ph, pw = stream.padded_hw
     if ph * pw > max_pixels:
         raise ApiError(413, "ImageTooLarge", f"stream decodes to {ph}x{pw} = {ph * pw} pixels, the limit is {max_pixels}")
+    n = steps or stream.steps or codec.cfg.steps
+    if n > max_steps:
+        raise ApiError(400, "TooManySteps", f"the stream asks for {n} sampling steps, this service's limit is {max_steps}; "
+                                            f"pass a smaller ?steps=")
 
 
 # ============================================================ the Ray Serve application
@@ -507,7 +512,7 @@ def build_app(settings: ServeSettings) -> Any:
                     raise ApiError(400, "TooManySteps", f"steps={steps} is above this service's limit of {self.settings.max_steps}")
                 crop = parse_size(size)
                 body = await self._read_body(request)
-                check_stream_pixels(self.codec, body, self.settings.max_pixels)
+                check_stream_limits(self.codec, body, self.settings.max_pixels, self.settings.max_steps, steps)
                 outcome: DecodeOutcome = await self.decode_batched(
                     DecodeJob(body, sampler, steps, crop, deadline=t_start + self.settings.timeout_s))
                 if outcome.error is not None:

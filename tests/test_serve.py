@@ -53,11 +53,10 @@ def tiny_artifacts() -> Path:
     if not (out / "manifest.json").is_file():
         if not (REPO / "export" / "__main__.py").is_file():
             pytest.skip("the export CLI (export/__main__.py) is not available to make the tiny artifacts")
-        tmp = out.with_name(out.name + ".tmp")
+        # The exporter writes to a temporary directory and renames it: a cached directory is complete.
         r = subprocess.run([sys.executable, "-m", "export", "--preset", "tiny", "--random-init", "--seed", "0",
-                            "--out", str(tmp)], cwd=REPO, capture_output=True, text=True, timeout=1800)
+                            "--out", str(out), "--force"], cwd=REPO, capture_output=True, text=True, timeout=1800)
         assert r.returncode == 0, f"export failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
-        tmp.rename(out)  # only a complete export is ever cached
     return out
 
 
@@ -125,7 +124,8 @@ def service(tiny_artifacts: Path) -> Iterator[str]:
     # A private local instance on loopback, never a cluster named by RAY_ADDRESS.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     settings = ServeSettings(artifacts=str(tiny_artifacts), replicas=1, port=serve.free_port(), max_batch=4,
-                             batch_wait_ms=100, timeout_s=120, max_bytes=1 << 20, max_pixels=256 * 256)
+                             batch_wait_ms=100, timeout_s=120, max_bytes=1 << 20, max_pixels=256 * 256,
+                             max_steps=100)
     try:
         yield serve.start(settings)
     finally:
@@ -202,7 +202,8 @@ def _runtime_message(codec: Codec, data: bytes) -> str:
 
 @pytest.mark.parametrize("case", ["empty", "png_to_decode", "random_to_decode", "random_to_encode", "truncated_stream",
                                   "wrong_type_decode", "wrong_type_encode", "no_type", "too_large", "too_many_pixels",
-                                  "bad_query", "bad_sampler", "too_many_steps", "invalid_ddim_steps"])
+                                  "bad_query", "bad_sampler", "too_many_steps", "stream_asks_too_many_steps",
+                                  "invalid_ddim_steps"])
 def test_bad_input_gets_json_4xx(case: str, service: str, codec: Codec) -> None:
     good_png = png_of(random_image(64, 64, 3))
     stream = codec.encode(random_image(64, 64, 3), steps=STEPS).data
@@ -222,6 +223,8 @@ def test_bad_input_gets_json_4xx(case: str, service: str, codec: Codec) -> None:
         "bad_query": ("/decode?steps=abc", stream, STREAM, 400, None),
         "bad_sampler": ("/encode?sampler=euler", good_png, PNG, 400, None),
         "too_many_steps": ("/decode?steps=100000", stream, STREAM, 400, None),
+        "stream_asks_too_many_steps": ("/decode", codec.encode(random_image(64, 64, 3), steps=500).data, STREAM, 400,
+                                       "the stream asks for 500 sampling steps"),
         "invalid_ddim_steps": ("/encode?sampler=ddim&steps=3", good_png, PNG, 400, "DDIM steps=3 is not supported"),
     }
     route, body, headers, status, message = cases[case]
