@@ -308,3 +308,30 @@ def test_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         export_artifacts(tmp_path / "o", config="tiny", random_init=True, exporter="torchscript",
                          graphs=["hyper_decoder", "vae_decoder"], profile=PixelProfile())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_external_data_and_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A failing dynamo export falls back to TorchScript (logged); forced external data
+    gives one ``<graph>.onnx.data`` file that ORT loads (the path the 3.5 GB UNet takes)."""
+    import export.to_onnx as to_onnx
+
+    def broken(*a, **k):
+        raise RuntimeError("simulated torch.export failure")
+
+    monkeypatch.setattr(to_onnx, "_export_dynamo", broken)
+    m = random_models(load_config("tiny"), 1)
+    specs = select_specs(m, skip_split=True, graphs=["vae_decoder"])
+    spec = specs["vae_decoder"]
+    mod = graph_modules(specs, m.lfgcm, m.vae, m.controlled_unet)["vae_decoder"]
+    with caplog.at_level(logging.WARNING, logger="export.to_onnx"):
+        res = to_onnx.export_network(mod, spec, example_inputs(spec, 2, 3), tmp_path / "vae_decoder.onnx",
+                                     profile=PixelProfile(), external_data=True)
+    assert res.exporter == "torchscript" and "falling back" in caplog.text
+    assert [p.name for p in res.external_data] == ["vae_decoder.onnx.data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vae_decoder.onnx", "vae_decoder.onnx.data"]
+    x = example_inputs(spec, 3, 2, seed=2)
+    with torch.no_grad():
+        ref = mod(*x).numpy()
+    got = Graphs(tmp_path).run("vae_decoder", {"latent": x[0].numpy()})[0]
+    assert rel_err(got, ref) < TOL
