@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.backends.tensorrt import (
+from runtime.engines import (
     SAMPLER_STEP_PREFIX,
     STEP_COEF_KEYS,
     engine_io_names,
@@ -336,9 +336,9 @@ def pixel_axes(min_hw: Sequence[int] | None, opt_hw: Sequence[int] | None, max_h
 def device_info() -> tuple[str, str] | None:
     """(GPU name, compute capability) of device 0, or None without a usable GPU."""
     try:
-        from runtime.backends.tensorrt import _Cuda
+        from runtime.engines import gpu_device
 
-        return _Cuda().device()
+        return gpu_device()
     except Exception:  # no cuda-python, no driver, no device
         pass
     try:

@@ -48,23 +48,21 @@ from typing import Any, Callable, Hashable, Mapping, Sequence
 import numpy as np
 
 from ..config import RuntimeConfig
+from ..engines import (
+    SAMPLER_STEP_PREFIX,
+    STEP_COEF_KEYS,
+    engine_io_names,
+    import_cudart,
+    import_tensorrt,
+    normalize_cc,
+    trt_version_string,
+)
 from ..manifest import MANIFEST_NAME, EngineEntry, Manifest, ManifestError, verify_file
 
 log = logging.getLogger(__name__)
 
 ALIGNMENT = 256  # cudaMalloc alignment; TensorRT wants >= 16 bytes, 256 keeps every tensor coalesced
-SAMPLER_STEP_PREFIX = "sampler_step_"
 DENOISE_NETWORK = "control_unet"
-
-# Per-step coefficient columns of the sampler-step engine, in table order. They are the
-# float32 scalars of runtime.sampler's ``coefficients(i)`` (DDPM: the noise scale is the
-# float32 product noise_mask * sqrt_variance, computed first exactly as torch associates it).
-STEP_COEF_KEYS: dict[str, tuple[str, ...]] = {
-    "ddpm": ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-             "posterior_mean_coef1", "posterior_mean_coef2", "noise_scale"),
-    "ddim": ("sqrt_one_minus_a_t", "sqrt_a_t", "sqrt_a_prev", "dir_coef"),
-}
-
 
 class EngineCompatError(ManifestError):
     """An engine cannot run here (other TensorRT version, other GPU, other model)."""
@@ -77,32 +75,12 @@ class NonFiniteOutputError(RuntimeError):
 # --------------------------------------------------------------------------- compatibility
 
 
-def trt_version_string(module_name: str, version: str) -> str:
-    """How an engine's TensorRT is recorded: ``"<module>-<version>"`` (e.g. ``tensorrt-10.13.0.35``).
-
-    The flavour matters: a TensorRT-RTX plan does not load in TensorRT and vice versa."""
-    return f"{module_name}-{version}"
-
-
 def _split_version(s: str) -> tuple[str, tuple[int, ...]]:
     m = re.fullmatch(r"(?:(tensorrt(?:_rtx)?)-)?(\d+(?:\.\d+)*)(?:\S*)", s.strip())
     if not m:
         raise EngineCompatError(f"unrecognised TensorRT version string {s!r}")
     flavour = m.group(1) or "tensorrt"
     return flavour, tuple(int(p) for p in m.group(2).split("."))
-
-
-def normalize_cc(cc: str | int | tuple[int, int]) -> str:
-    """Compute capability as ``"major.minor"`` from "8.9", "89", "sm_89", "SM89", 89 or (8, 9)."""
-    if isinstance(cc, tuple):
-        return f"{int(cc[0])}.{int(cc[1])}"
-    s = str(cc).strip().lower().removeprefix("sm_").removeprefix("sm")
-    if re.fullmatch(r"\d+\.\d+", s):
-        major, minor = s.split(".")
-        return f"{int(major)}.{int(minor)}"
-    if re.fullmatch(r"\d{2,3}", s):
-        return f"{int(s[:-1])}.{int(s[-1])}"
-    raise ValueError(f"unrecognised compute capability {cc!r} (expected e.g. '8.9' or '89')")
 
 
 def check_engine_compat(entry: EngineEntry, runtime_trt_version: str, gpu_name: str, cc: str,
@@ -382,32 +360,6 @@ def check_finite(network: str, name: str, array: np.ndarray, precision: str) -> 
 
 
 # --------------------------------------------------------------------------- device layer (GPU only)
-
-
-def import_tensorrt(prefer: str | None = None) -> Any:
-    """The TensorRT module: ``prefer`` ("tensorrt"/"tensorrt_rtx") first, then the other."""
-    import importlib
-
-    order = [prefer] if prefer else []
-    order += [m for m in ("tensorrt", "tensorrt_rtx") if m not in order]
-    errors = []
-    for name in order:
-        try:
-            return importlib.import_module(name)
-        except ImportError as exc:
-            errors.append(f"{name}: {exc}")
-    raise ImportError("TensorRT is not installed (pip install 'diffeic-runtime[gpu]'): " + "; ".join(errors))
-
-
-def import_cudart() -> Any:
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        try:
-            from cuda import cudart  # type: ignore[no-redef]  # older cuda-python
-        except ImportError as exc:
-            raise ImportError("cuda-python is not installed (pip install 'diffeic-runtime[gpu]')") from exc
-    return cudart
 
 
 class _Cuda:
@@ -743,12 +695,6 @@ def _raw_engine_records(directory: Path) -> dict[str, dict[str, Any]]:
         return {k: dict(v) for k, v in raw.get("engines", {}).items()}
     except (OSError, ValueError, AttributeError):
         return {}
-
-
-def engine_io_names(kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Input and output names of the sampler-step engine of ``kind`` (shared with the builder)."""
-    ins: tuple[str, ...] = ("x", "eps", "idx", "coefs", "t_table") + (("noise",) if kind == "ddpm" else ())
-    return ins, ("x_next", "idx_next", "t_next")
 
 
 __all__ = [
