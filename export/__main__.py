@@ -82,10 +82,12 @@ def model_fingerprint(cfg: DiffEICConfig, modules: Mapping[str, nn.Module], null
         for k, v in m.state_dict().items():
             state[f"{prefix}.{k}"] = v
     for k in sorted(state):
-        v = state[k].detach().contiguous().cpu()
+        v = state[k].detach().cpu()
         h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
-        # Hash the raw buffer without a bytes copy (the paper UNet is 3.5 GB).
-        h.update(v.view(torch.uint8).numpy().data if v.numel() else b"")
+        # Hash the raw buffer without a bytes copy (the paper UNet is 3.5 GB); reshape
+        # first because 0-dim tensors cannot be viewed as bytes.
+        if v.numel():
+            h.update(v.contiguous().reshape(-1).view(torch.uint8).numpy().data)
     h.update(null_context.detach().to(torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 
