@@ -261,6 +261,17 @@ def model_info(models: Models, profile: PixelProfile) -> dict[str, object]:
     }
 
 
+def write_portable_params(models: Models, directory: Path, tables: Mapping[str, np.ndarray]) -> dict[str, object]:
+    """Calibrate the integer entropy path on the bundled photos and write ``portable.npz``."""
+    from .portable import PORTABLE_FORMAT_VERSION, calibrate_portable, calibration_images, calibration_samples, write_portable
+
+    log.info("calibrating the portable entropy path")
+    samples = calibration_samples(models.vae, calibration_images())
+    params = calibrate_portable(models.lfgcm, samples, medians=tables["eb_medians"], scale_table=tables["gc_scale_table"])
+    name, sha = write_portable(params, directory)
+    return {"file": name, "sha256": sha, "format_version": PORTABLE_FORMAT_VERSION}
+
+
 def select_specs(models: Models, skip_split: bool = False, graphs: Iterable[str] | None = None
                  ) -> dict[str, NetworkSpec]:
     """The networks to export (all, minus control/unet with ``skip_split``, or ``graphs``)."""
@@ -293,6 +304,8 @@ def write_artifacts(models: Models, directory: Path, profile: PixelProfile, opse
     specs = specs if specs is not None else select_specs(models)
     tables = build_tables_dict(models)
     _save_npz(directory / TABLES_NAME, tables)
+    info = model_info(models, profile)
+    info["portable"] = write_portable_params(models, directory, tables)
     modules = graph_modules(specs, models.lfgcm, models.vae, models.controlled_unet)
     zh, zw = example_grid(profile)
     entries: dict[str, NetworkEntry] = {}
@@ -312,7 +325,7 @@ def write_artifacts(models: Models, directory: Path, profile: PixelProfile, opse
         )
     bar.close()
     manifest = Manifest(
-        format_version=FORMAT_VERSION, fingerprint=models.fingerprint, model=model_info(models, profile),
+        format_version=FORMAT_VERSION, fingerprint=models.fingerprint, model=info,
         networks=entries, tables_file=TABLES_NAME, tables_sha256=sha256_file(directory / TABLES_NAME),
         opset=int(opset), versions=_versions(exporters),
     )

@@ -15,6 +15,7 @@ BACKENDS = ("ort", "trt")
 SAMPLERS = ("ddpm", "ddim")
 CODER_FORMATS = ("compat", "native")
 CONTAINERS = ("native", "reference")
+ENTROPY_PATHS = ("reference", "portable")
 
 
 @dataclass(frozen=True)
@@ -26,12 +27,14 @@ class RuntimeConfig:
     coder_format: str = "compat"  # rANS stream format inside the container
     container: str = "native"  # "native" (DEIC) or "reference" (official write_body)
     seed: int = 231  # the official default seed
+    entropy_path: str = "reference"  # "portable": integer context model (docs/portable-entropy.md)
     verify_hashes: bool = True
 
     def __post_init__(self) -> None:
         for name, value, choices in (
             ("backend", self.backend, BACKENDS), ("sampler", self.sampler, SAMPLERS),
             ("coder_format", self.coder_format, CODER_FORMATS), ("container", self.container, CONTAINERS),
+            ("entropy_path", self.entropy_path, ENTROPY_PATHS),
         ):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")

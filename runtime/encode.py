@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .bitstream import BitstreamError
 from .cli import IMAGE_SUFFIXES, expand_inputs, output_path, setup_logging, summary, write_atomic
-from .config import BACKENDS, CODER_FORMATS, CONTAINERS, SAMPLERS, defaults
+from .config import BACKENDS, CODER_FORMATS, CONTAINERS, ENTROPY_PATHS, SAMPLERS, defaults
 from .manifest import ManifestError
 from .pipeline import Codec
 
@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engines", required=True, help="artifact directory from `python -m export` (or a file in it)")
     p.add_argument("--format", choices=CONTAINERS, default=d.container, help="container (default: %(default)s)")
     p.add_argument("--coder", choices=CODER_FORMATS, default=d.coder_format, help="rANS stream format (default: %(default)s)")
+    p.add_argument("--entropy-path", choices=ENTROPY_PATHS, default=d.entropy_path,
+                   help="reference (float context model, official) or portable (integer, bit-exact on any "
+                        "hardware; needs portable.npz in the artifacts) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="noise seed stored in the stream (default: %(default)s)")
     p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler, help="sampler the decoder should use")
     p.add_argument("--steps", type=int, default=d.steps, help="sampling steps the decoder should use")
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        cfg = defaults().with_(container=args.format, coder_format=args.coder, seed=args.seed, sampler=args.sampler,
+        cfg = defaults().with_(container=args.format, coder_format=args.coder, entropy_path=args.entropy_path, seed=args.seed, sampler=args.sampler,
                                steps=args.steps, backend=args.backend, threads=args.threads)
         items = expand_inputs(args.inputs, IMAGE_SUFFIXES)
         if not items:

@@ -27,6 +27,7 @@ __all__ = [
     "FORMATS",
     "BottleneckTables",
     "GaussianTables",
+    "IndexDecoder",
     "YDecoder",
     "YEncoder",
     "decode_with_indexes",
@@ -254,6 +255,22 @@ class YDecoder:
         if scales.shape != means.shape:
             raise ValueError(f"scales and means must have the same shape, got {scales.shape}, {means.shape}")
         return self._dec.decode_half(scales, means, h)
+
+    def finish(self) -> None:
+        """Raise ValueError unless the stream was consumed exactly and the final state is valid."""
+        self._dec.finish()
+
+
+class IndexDecoder:
+    """Incremental decode with explicit CDF indexes (the portable path computes the indexes
+    of each half-slice from the symbols decoded before it)."""
+
+    def __init__(self, stream: bytes, tables: GaussianTables | BottleneckTables, fmt: str = "compat") -> None:
+        self._dec = _rans.Decoder(_core(tables), _fmt(fmt), _as_bytes(stream))
+
+    def decode(self, indexes: np.ndarray) -> np.ndarray:
+        """Decode ``len(indexes)`` int32 symbols, continuing the stream."""
+        return self._dec.decode(_int32_array(indexes, "indexes", 1))
 
     def finish(self) -> None:
         """Raise ValueError unless the stream was consumed exactly and the final state is valid."""

@@ -27,6 +27,7 @@ from .config import RuntimeConfig, defaults
 from .entropy_coding import BottleneckTables, GaussianTables, YDecoder, YEncoder, decode_z, encode_z
 from .latent_coding import code_slices
 from .manifest import Manifest, ManifestError, load_manifest, verify_file
+from .portable import PortableContextModel, PortableParams
 from .sampler import GaussianNoise, NoiseSource, Schedule, make_sampler, run, to_uint8_image
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,29 @@ class Codec:
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"manifest 'model' section is incomplete: {exc}") from exc
         self.fingerprint16 = bytes.fromhex(m.fingerprint)[: bitstream.FINGERPRINT_BYTES]
+        self.portable = self._load_portable()
         self.backend = backend or make_backend(self.cfg.backend, m, self.directory, self.cfg)
+
+    def _load_portable(self) -> PortableContextModel | None:
+        """The integer context model, when the artifacts carry ``portable.npz`` (model.portable)."""
+        info = self.manifest.model.get("portable")
+        if info is None:
+            return None
+        try:
+            file, sha = str(info["file"]), str(info["sha256"])
+        except (KeyError, TypeError) as exc:
+            raise ManifestError(f"manifest 'model.portable' is malformed: {exc}") from exc
+        path = (verify_file(self.directory, file, sha, "portable params") if self.cfg.verify_hashes
+                else self.directory / file)
+        params = PortableParams.load(path)
+        params.check_model(int(self.manifest.model["N"]), int(self.manifest.model["M"]), self.slice_ch)
+        return PortableContextModel(params)
+
+    def _require_portable(self) -> PortableContextModel:
+        if self.portable is None:
+            raise ValueError("these artifacts have no portable entropy parameters (portable.npz); "
+                             "re-export them or use the reference entropy path")
+        return self.portable
 
     # ---------------------------------------------------------------- encode
     def encode(self, image: np.ndarray, **overrides: object) -> EncodeResult:
@@ -124,6 +147,8 @@ class Codec:
         cfg = self.cfg.with_(**overrides)
         if cfg.container == "reference" and cfg.coder_format != "compat":
             raise ValueError("the reference container holds compat-format rANS streams only; use the native container")
+        if cfg.container == "reference" and cfg.entropy_path != "reference":
+            raise ValueError("the reference container cannot signal the portable entropy path; use the native container")
         timings = Timings()
         h, w = image.shape[:2]
         padded = pad_image(image)
@@ -133,18 +158,22 @@ class Codec:
         y, z = out["y"], out["z"]
         with timings.stage("latent_coding"):
             z_string, z_hat = encode_z(z[0], self.bottleneck, cfg.coder_format)
-            hyper_params = self._hyper(z_hat)[0]
-            enc = YEncoder(self.gaussian, cfg.coder_format)
+            if cfg.entropy_path == "portable":
+                # integer hyper decoder + context model: no float network is involved
+                y_string = self._require_portable().encode(y[0], z_hat, self.gaussian, cfg.coder_format).y_string
+            else:
+                hyper_params = self._hyper(z_hat)[0]
+                enc = YEncoder(self.gaussian, cfg.coder_format)
 
-            def code_half(scales: np.ndarray, means: np.ndarray, half: str, c0: int, c1: int) -> np.ndarray:
-                return enc.encode_half(y[0, c0:c1], scales, means, half)
+                def code_half(scales: np.ndarray, means: np.ndarray, half: str, c0: int, c1: int) -> np.ndarray:
+                    return enc.encode_half(y[0, c0:c1], scales, means, half)
 
-            code_slices(self.backend.run, hyper_params, self.slice_ch, code_half)
-            y_string = enc.finish()
+                code_slices(self.backend.run, hyper_params, self.slice_ch, code_half)
+                y_string = enc.finish()
         stream = Stream(
             y=y_string, z=z_string, padded_hw=padded.shape[:2], original_hw=(h, w),
             coder_format=cfg.coder_format, sampler=cfg.sampler, steps=cfg.steps, seed=cfg.seed,
-            fingerprint=self.fingerprint16, container=cfg.container,
+            fingerprint=self.fingerprint16, container=cfg.container, entropy_path=cfg.entropy_path,
         )
         data = bitstream.pack(stream)
         return EncodeResult(data=data, stream=stream, bpp=len(data) * 8.0 / (h * w), timings=timings)
@@ -162,7 +191,7 @@ class Codec:
                 f"stream was encoded with another model (fingerprint {stream.fingerprint.hex()}, "
                 f"these artifacts are {self.fingerprint16.hex()})"
             )
-        if stream.entropy_path != "reference":
+        if stream.entropy_path == "portable" and self.portable is None:
             raise BitstreamError(f"entropy path {stream.entropy_path!r} is not supported by these artifacts")
         return stream
 
@@ -171,14 +200,17 @@ class Codec:
         timings = timings or Timings()
         with timings.stage("latent_decoding"):
             z_hat = decode_z(stream.z, self.bottleneck, stream.z_hw, stream.coder_format)
-            hyper_params, f_c = self._hyper(z_hat)
-            dec = YDecoder(stream.y, self.gaussian, stream.coder_format)
+            hyper_params, f_c = self._hyper(z_hat)  # f_c (float) feeds only the content decoder
+            if stream.entropy_path == "portable":
+                y_hat = self._require_portable().decode(stream.y, z_hat, self.gaussian, stream.coder_format)[0]
+            else:
+                dec = YDecoder(stream.y, self.gaussian, stream.coder_format)
 
-            def code_half(scales: np.ndarray, means: np.ndarray, half: str, c0: int, c1: int) -> np.ndarray:
-                return dec.decode_half(scales, means, half)
+                def code_half(scales: np.ndarray, means: np.ndarray, half: str, c0: int, c1: int) -> np.ndarray:
+                    return dec.decode_half(scales, means, half)
 
-            y_hat = code_slices(self.backend.run, hyper_params, self.slice_ch, code_half)
-            dec.finish()
+                y_hat = code_slices(self.backend.run, hyper_params, self.slice_ch, code_half)
+                dec.finish()
         with timings.stage("content_decoder"):
             return self.backend.run("content_decoder", {"y_hat": y_hat, "f_c": f_c})["c_latent"]
 
