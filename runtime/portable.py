@@ -644,28 +644,8 @@ class PortableContextModel:
         return self.to_float(y_hat), y_hat
 
 
-class _IndexDecoder:
-    """Incremental decode with explicit CDF indexes (the low-level rANS decoder)."""
-
-    def __init__(self, stream: bytes, tables: GaussianTables, fmt: str) -> None:
-        from runtime import _rans  # the extension; entropy_coding validates format/tables
-
-        self._d = _rans.Decoder(entropy_coding._core(tables), entropy_coding._fmt(fmt),
-                                entropy_coding._as_bytes(stream))
-
-    def decode(self, indexes: np.ndarray) -> np.ndarray:
-        return self._d.decode(indexes)
-
-    def finish(self) -> None:
-        self._d.finish()
-
-
 def _index_decoder(stream: bytes, tables: GaussianTables, fmt: str) -> Any:
-    # Prefer a public incremental decoder in entropy_coding when it exists.
-    public = getattr(entropy_coding, "IndexDecoder", None)
-    if public is not None:
-        return public(stream, tables, fmt)
-    return _IndexDecoder(stream, tables, fmt)
+    return entropy_coding.IndexDecoder(stream, tables, fmt)
 
 
 # =========================================================================== convenience
