@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     refs = [codec.decode(s).image for s in streams]
     log.info("reference decodes done (%d streams, %dx%d, %d steps)", len(streams), h, w, args.steps)
 
-    os.environ.pop("RAY_ADDRESS", None)  # a private local instance on loopback
+    os.environ.pop("RAY_ADDRESS", None)  # a private local instance on loopback (Ray's own ports too)
+    serve.pin_ray_to_loopback()
     ray.init(address="local", num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     base = dict(artifacts=str(Path(args.engines).resolve()), port=serve.free_port(), timeout_s=args.timeout,
                 max_queued=max(32, args.clients * 2), batch_wait_ms=args.batch_wait_ms)

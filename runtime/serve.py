@@ -556,8 +556,31 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def pin_ray_to_loopback() -> None:
+    """Make the next local Ray instance of this process use 127.0.0.1 for all its ports.
+
+    By default Ray picks the address of the default-route interface and listens on all
+    interfaces; a service meant for loopback should not open ports elsewhere. Ray does
+    this itself on macOS/Windows, switched by ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``;
+    that variable is read when ray is imported, so the constant is set too.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    try:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    except (ImportError, AttributeError):  # another Ray version: the variable alone must do
+        log.warning("could not pin Ray to loopback; it may listen on other interfaces")
+
+
 def init_ray(settings: ServeSettings, ray_init: dict[str, Any] | None = None) -> None:
-    """Start a local Ray instance, or join the cluster named by ``RAY_ADDRESS``; no-op if connected."""
+    """Start a local Ray instance, or join the cluster named by ``RAY_ADDRESS``; no-op if connected.
+
+    A local instance for a loopback service keeps Ray's own ports on loopback too.
+    """
     import ray
 
     if not ray.is_initialized():
@@ -566,6 +589,8 @@ def init_ray(settings: ServeSettings, ray_init: dict[str, Any] | None = None) ->
         if address:
             kwargs["address"] = address
         else:
+            if settings.host in LOOPBACK_HOSTS:
+                pin_ray_to_loopback()
             # Logical CPUs: never fewer than the replicas ask for, so a small machine can still place them.
             kwargs["num_cpus"] = max(os.cpu_count() or 1, int(np.ceil(settings.replicas * settings.cpus_per_replica)) + 1)
         kwargs.update(ray_init or {})
