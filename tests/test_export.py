@@ -8,7 +8,6 @@ the fast TorchScript exporter on a few graphs.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -63,15 +62,9 @@ class Graphs:
 
 
 @pytest.fixture(scope="session")
-def exported(fixture_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("export") / "artifacts"
-    t0 = time.perf_counter()
-    export_artifacts(
-        out, sd=fixture_dir / "sd.ckpt", lc=fixture_dir / "lc.ckpt", config=fixture_dir / "config.yaml",
-        null_context=fixture_dir / "null_context.npy",
-    )
-    log.info("fixture export (dynamo, all graphs): %.1f s", time.perf_counter() - t0)
-    return out
+def exported(fixture_artifacts: Path) -> Path:
+    """The session's one export of the fixture checkpoints (tests/conftest.py), shared with the runtime tests."""
+    return fixture_artifacts
 
 
 @pytest.fixture(scope="session")
