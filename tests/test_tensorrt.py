@@ -487,11 +487,13 @@ def _tiny_export(tmp: Path) -> Path:
 
 
 @needs_rtx
-@pytest.mark.slow
-def test_aot_build_every_graph_of_a_tiny_export(tmp_path: Path) -> None:
+def test_aot_build_every_graph_of_a_tiny_export(tmp_path: Path, fixture_artifacts: Path) -> None:
+    """CPU-only AOT build (tensorrt_rtx, SM89) of every graph of the session's tiny export."""
+    import shutil
+
     from export.build_engines import build_all
 
-    d = _tiny_export(tmp_path)
+    d = Path(shutil.copytree(fixture_artifacts, tmp_path / "tiny"))
     m0, _ = load_manifest(d)
     nets = sorted(m0.networks) + ["sampler_step_ddpm", "sampler_step_ddim"]
     built = build_all(d, nets, fp16=True, builder="tensorrt_rtx", compute_capability="89")
