@@ -1,10 +1,8 @@
 """The serving layer: batched decoding equals unbatched decoding, and the HTTP service on
-loopback (tiny random-init export) answers like the Codec and the CLI, refuses bad input
+loopback (the session's export of the fixture checkpoints) answers like the Codec and the CLI, refuses bad input
 with JSON 4xx errors that carry the runtime's messages, and shuts down cleanly.
 
-The tiny artifacts are exported once (``python -m export --preset tiny --random-init
---seed 0``, 2-5 minutes on a small CPU) and cached in ``build/test-artifacts/tiny-seed0``
-(exported again when the current runtime cannot load and run the cached copy);
+The artifacts are the session's single export (tests/conftest.py);
 ``DIFFEIC_TINY_ARTIFACTS`` points at an existing export instead. The HTTP tests need Ray Serve (``pip install "diffeic-runtime[serve]"``).
 """
 
@@ -35,34 +33,11 @@ PNG = {"content-type": "image/png"}
 STEPS = 2  # few steps: the tests check plumbing and identity, not quality
 
 
-def _usable(artifacts: Path) -> bool:
-    """A cached export is reused if the current runtime loads and runs it (the tests compare
-    the service with a local Codec on the same artifacts, so the exporter's version does
-    not matter, only that the runtime accepts it)."""
-    if not (artifacts / "manifest.json").is_file():
-        return False
-    try:
-        codec = Codec(artifacts, defaults().with_(threads=1))
-        codec.decode(codec.encode(np.zeros((64, 64, 3), np.uint8), steps=1).data)
-        return True
-    except Exception:  # noqa: BLE001 - any failure means: export again
-        return False
-
-
 @pytest.fixture(scope="module")
-def tiny_artifacts() -> Path:
+def tiny_artifacts(fixture_artifacts: Path) -> Path:
+    """The session's export of the fixture checkpoints (tests/conftest.py); DIFFEIC_TINY_ARTIFACTS overrides."""
     given = os.environ.get("DIFFEIC_TINY_ARTIFACTS")
-    if given:
-        return Path(given)
-    out = REPO / "build" / "test-artifacts" / "tiny-seed0"
-    if not _usable(out):
-        if not (REPO / "export" / "__main__.py").is_file():
-            pytest.skip("the export CLI (export/__main__.py) is not available to make the tiny artifacts")
-        # The exporter writes to a temporary directory and renames it: a cached directory is complete.
-        r = subprocess.run([sys.executable, "-m", "export", "--preset", "tiny", "--random-init", "--seed", "0",
-                            "--out", str(out), "--force"], cwd=REPO, capture_output=True, text=True, timeout=1800)
-        assert r.returncode == 0, f"export failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
-    return out
+    return Path(given) if given else fixture_artifacts
 
 
 @pytest.fixture(scope="module")
