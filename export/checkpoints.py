@@ -45,13 +45,19 @@ def _upcast(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read one checkpoint file (``.ckpt``/``.pt``/``.pth``/``.bin`` or ``.safetensors``).
+def load_state_dict_file(path: str | Path, cfg: "DiffEICConfig | None" = None) -> dict[str, torch.Tensor]:
+    """Read one checkpoint file (``.ckpt``/``.pt``/``.pth``/``.bin`` or ``.safetensors``),
+    or a diffusers SD 2.x folder (converted to the ldm layout, see ``diffusers_layout``).
 
     Returns the flat state dict with float tensors in float32. Raises CheckpointError
     naming the file and the reason for anything that is not a readable checkpoint.
+    ``cfg`` (a ``DiffEICConfig``) is used only for a folder, to check its config.json files.
     """
     path = Path(path)
+    if path.is_dir():
+        from .diffusers_layout import load_diffusers_folder  # lazy: it imports this module
+
+        return load_diffusers_folder(path, cfg)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
