@@ -17,9 +17,12 @@ import logging
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import torch
+
+if TYPE_CHECKING:  # only for the annotation; config imports nothing from here
+    from .config import DiffEICConfig
 
 log = logging.getLogger(__name__)
 
