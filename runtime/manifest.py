@@ -140,15 +140,21 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 
 
 def find_artifact_dir(path: str | Path) -> Path:
-    """Accept the artifact directory or any file inside it (e.g. ``engines/unet.plan``)."""
+    """Accept the artifact directory or any file inside it (e.g. ``ARTIFACTS/engines/control_unet.plan``).
+
+    The nearest directory at or above ``path`` (up to two levels) holding a manifest wins.
+    """
     p = Path(path)
-    d = p if p.is_dir() else p.parent
-    if not (d / MANIFEST_NAME).is_file():
-        raise ManifestError(
-            f"{path}: no {MANIFEST_NAME} found in {d}; pass the directory written by "
-            "`python -m export` (or any file inside it)"
-        )
-    return d
+    if not p.exists():
+        raise ManifestError(f"{path}: no such file or directory")
+    start = p if p.is_dir() else p.parent
+    for d in (start, start.parent, start.parent.parent):
+        if (d / MANIFEST_NAME).is_file():
+            return d
+    raise ManifestError(
+        f"{path}: no {MANIFEST_NAME} found in {start} or its parents; pass the directory written by "
+        "`python -m export` (or any file inside it)"
+    )
 
 
 def load_manifest(path: str | Path) -> tuple[Manifest, Path]:
