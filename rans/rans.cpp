@@ -318,6 +318,20 @@ void Tables::build_index_lut() {
     if (k + 1 < nt && bits[k + 1] < hi) return;  // cannot happen (gap >= 2^shift); be safe
   }
   lut_n_ = static_cast<uint32_t>(nb);
+  // packed variant: count in the high bits, in-bucket threshold offset in the low `shift` bits
+  lut_pack_.clear();
+  if (shift >= 1 && shift <= 24 && (static_cast<uint64_t>(nt) << shift) < (1ull << 31)) {
+    lut_pack_.assign(lut_thr_.size(), 0);
+    const int32_t none = static_cast<int32_t>((1u << shift) - 1);
+    for (size_t b = 0; b < lut_thr_.size(); ++b) {
+      const int32_t cnt = b < nb ? lut_count_[b] : static_cast<int32_t>(nt);
+      int32_t off = none;
+      if (b < nb && lut_thr_[b] != std::numeric_limits<int32_t>::max())
+        off = static_cast<int32_t>(static_cast<int64_t>(lut_thr_[b]) -
+                                   (static_cast<int64_t>(bits[0]) + (static_cast<int64_t>(b) << shift)));
+      lut_pack_[b] = static_cast<int32_t>((static_cast<uint32_t>(cnt) << shift) | static_cast<uint32_t>(off));
+    }
+  }
 }
 
 // ================================================================ encoders
@@ -992,6 +1006,146 @@ __attribute__((target("avx512f"))) int row_encode_avx512(const float* yr, const 
   }
   return (nan ? 1 : 0) | (bad ? 2 : 0);
 }
+/// Packed bucket table (Tables::lut_pack_, <= 128 entries): one permute lookup per 16 scales.
+struct Pack512 {
+  __m512i p[8];
+  __m512i base, last, lowm;
+  __m128i sh;
+};
+
+__attribute__((target("avx512f"))) inline void load_pack512(const Tables& t, Pack512& P) {
+  for (int q = 0; q < 8; ++q) P.p[q] = _mm512_loadu_si512(t.lut_pack_.data() + 16 * q);
+  P.base = _mm512_set1_epi32(static_cast<int32_t>(t.lut_base_bits_));
+  P.last = _mm512_set1_epi32(static_cast<int32_t>(t.lut_n_) - 1);
+  P.lowm = _mm512_set1_epi32(static_cast<int32_t>((1u << t.lut_shift_) - 1));
+  P.sh = _mm_cvtsi32_si128(static_cast<int>(t.lut_shift_));
+}
+
+__attribute__((target("avx512f"))) inline __m512i index16p(__m512 s, const Pack512& P) {
+  const __m512 sc = _mm512_max_ps(s, _mm512_set1_ps(0.11f));  // NaN flagged by the caller
+  const __m512i d = _mm512_sub_epi32(_mm512_castps_si512(sc), P.base);
+  __m512i bk = _mm512_sra_epi32(d, P.sh);
+  bk = _mm512_min_epi32(_mm512_max_epi32(bk, _mm512_setzero_si512()), P.last);
+  const __m512i pk = lookup128(P.p, bk);
+  // offset inside the bucket: < 0 below the table, capped at 2^shift-1 above it
+  const __m512i off = _mm512_min_epi32(_mm512_sub_epi32(d, _mm512_sll_epi32(bk, P.sh)), P.lowm);
+  const __mmask16 gt = _mm512_cmpgt_epi32_mask(off, _mm512_and_si512(pk, P.lowm));
+  const __m512i cnt = _mm512_srl_epi32(pk, P.sh);
+  return _mm512_mask_add_epi32(cnt, gt, cnt, _mm512_set1_epi32(1));
+}
+
+/// Whole-half encoder kernel (symbols, indexes, y_hat) with the packed index table.
+__attribute__((target("avx512f"))) int half_encode_avx512(const Tables& t, const float* y,
+                                                         const float* means, const float* scales,
+                                                         size_t C, size_t H, size_t W, Half half,
+                                                         int32_t* sym, int32_t* idx, float* y_hat) {
+  Pack512 P;
+  load_pack512(t, P);
+  const __m512i zi = _mm512_set1_epi32(16);
+  const __m512i i0 = _mm512_set_epi32(16, 7, 16, 6, 16, 5, 16, 4, 16, 3, 16, 2, 16, 1, 16, 0);
+  const __m512i i1 = _mm512_set_epi32(16, 15, 16, 14, 16, 13, 16, 12, 16, 11, 16, 10, 16, 9, 16, 8);
+  const __m512 zero = _mm512_setzero_ps();
+  const size_t Wh = W / 2;
+  __mmask16 nan = 0, bad = 0;
+  size_t k = 0;
+  for (size_t c = 0; c < C; ++c) {
+    for (size_t r = 0; r < H; ++r, k += Wh) {
+      const uint32_t par = half_parity(half, r);
+      const size_t base = (c * H + r) * W;
+      const float* yr = y + base + par;
+      const float* mr = means + base + par;
+      const float* sr = scales + base + par;
+      float* out_row = y_hat + base;
+      // odd parity: the value goes to the odd slot of each pair (rotate the index pattern)
+      const __m512i ilo = par ? _mm512_alignr_epi32(i0, zi, 15) : i0;
+      const __m512i ihi = par ? _mm512_alignr_epi32(i1, zi, 15) : i1;
+      for (size_t j = 0; j < Wh; j += 16) {
+        const size_t rem = std::min<size_t>(16, Wh - j);
+        const __mmask16 km = static_cast<__mmask16>(rem == 16 ? 0xFFFF : ((1u << rem) - 1));
+        const __m512 yv = load_even(yr + 2 * j, rem);
+        const __m512 m = load_even(mr + 2 * j, rem);
+        const __m512 s = load_even(sr + 2 * j, rem);
+        const __m512 rr = _mm512_roundscale_ps(_mm512_sub_ps(yv, m),
+                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __mmask16 ok = _mm512_cmp_ps_mask(rr, _mm512_set1_ps(-2147483648.0f), _CMP_GE_OQ) &
+                             _mm512_cmp_ps_mask(rr, _mm512_set1_ps(2147483648.0f), _CMP_LT_OQ);
+        bad |= static_cast<__mmask16>(km & ~ok);
+        const __m512i si = _mm512_cvttps_epi32(_mm512_maskz_mov_ps(ok, rr));
+        _mm512_mask_storeu_epi32(sym + k + j, km, si);
+        const __m512 yh = _mm512_add_ps(_mm512_cvtepi32_ps(si), m);
+        const size_t f = 2 * rem;
+        const uint32_t om = f >= 32 ? 0xFFFFFFFFu : ((1u << f) - 1);
+        _mm512_mask_storeu_ps(out_row + 2 * j, static_cast<__mmask16>(om & 0xFFFF),
+                              _mm512_permutex2var_ps(yh, ilo, zero));
+        _mm512_mask_storeu_ps(out_row + 2 * j + 16, static_cast<__mmask16>(om >> 16),
+                              _mm512_permutex2var_ps(yh, ihi, zero));
+        nan |= _mm512_mask_cmp_ps_mask(km, s, s, _CMP_UNORD_Q);
+        _mm512_mask_storeu_epi32(idx + k + j, km, index16p(s, P));
+      }
+    }
+  }
+  return (nan ? 1 : 0) | (bad ? 2 : 0);
+}
+
+/// Whole-half indexes (decoder side) with the packed index table.
+__attribute__((target("avx512f"))) int half_indexes_avx512(const Tables& t, const float* scales,
+                                                          size_t C, size_t H, size_t W, Half half,
+                                                          int32_t* idx) {
+  Pack512 P;
+  load_pack512(t, P);
+  const size_t Wh = W / 2;
+  __mmask16 nan = 0;
+  size_t k = 0;
+  for (size_t c = 0; c < C; ++c) {
+    for (size_t r = 0; r < H; ++r, k += Wh) {
+      const float* sr = scales + (c * H + r) * W + half_parity(half, r);
+      for (size_t j = 0; j < Wh; j += 16) {
+        const size_t rem = std::min<size_t>(16, Wh - j);
+        const __mmask16 km = static_cast<__mmask16>(rem == 16 ? 0xFFFF : ((1u << rem) - 1));
+        const __m512 s = load_even(sr + 2 * j, rem);
+        nan |= _mm512_mask_cmp_ps_mask(km, s, s, _CMP_UNORD_Q);
+        _mm512_mask_storeu_epi32(idx + k + j, km, index16p(s, P));
+      }
+    }
+  }
+  return nan ? 1 : 0;
+}
+
+/// Whole-half y_hat = float(symbol) + mean at the half's positions, 0 elsewhere.
+__attribute__((target("avx512f"))) void half_dequantize_avx512(const int32_t* sym,
+                                                              const float* means, size_t C,
+                                                              size_t H, size_t W, Half half,
+                                                              float* y_hat) {
+  const __m512i zi = _mm512_set1_epi32(16);
+  const __m512i i0 = _mm512_set_epi32(16, 7, 16, 6, 16, 5, 16, 4, 16, 3, 16, 2, 16, 1, 16, 0);
+  const __m512i i1 = _mm512_set_epi32(16, 15, 16, 14, 16, 13, 16, 12, 16, 11, 16, 10, 16, 9, 16, 8);
+  const __m512 zero = _mm512_setzero_ps();
+  const size_t Wh = W / 2;
+  size_t k = 0;
+  for (size_t c = 0; c < C; ++c) {
+    for (size_t r = 0; r < H; ++r, k += Wh) {
+      const uint32_t par = half_parity(half, r);
+      const size_t base = (c * H + r) * W;
+      const float* mr = means + base + par;
+      float* out_row = y_hat + base;
+      const __m512i ilo = par ? _mm512_alignr_epi32(i0, zi, 15) : i0;
+      const __m512i ihi = par ? _mm512_alignr_epi32(i1, zi, 15) : i1;
+      for (size_t j = 0; j < Wh; j += 16) {
+        const size_t rem = std::min<size_t>(16, Wh - j);
+        const __mmask16 km = static_cast<__mmask16>(rem == 16 ? 0xFFFF : ((1u << rem) - 1));
+        const __m512 m = load_even(mr + 2 * j, rem);
+        const __m512i si = _mm512_maskz_loadu_epi32(km, sym + k + j);
+        const __m512 yh = _mm512_add_ps(_mm512_cvtepi32_ps(si), m);
+        const size_t f = 2 * rem;
+        const uint32_t om = f >= 32 ? 0xFFFFFFFFu : ((1u << f) - 1);
+        _mm512_mask_storeu_ps(out_row + 2 * j, static_cast<__mmask16>(om & 0xFFFF),
+                              _mm512_permutex2var_ps(yh, ilo, zero));
+        _mm512_mask_storeu_ps(out_row + 2 * j + 16, static_cast<__mmask16>(om >> 16),
+                              _mm512_permutex2var_ps(yh, ihi, zero));
+      }
+    }
+  }
+}
 #endif
 
 using RowIndexFn = int (*)(const float*, size_t, size_t, IndexLut, int32_t*);
@@ -1036,6 +1190,13 @@ int row_indexes_any(const Tables& t, const float* sr, size_t Wh, size_t avail, i
   return bad;
 }
 
+#ifdef RANS_HAVE_AVX512_KERNEL
+bool use_pack512(const Tables& t) {
+  return g_avx512 && !t.lut_pack_.empty() && t.lut_n_ != 0 && t.lut_n_ <= 128 &&
+         t.lut_pack_.size() >= 128;
+}
+#endif
+
 void check_gaussian(const Tables& t) {
   if (!t.has_scale_table()) throw Error("these tables have no scale table (not Gaussian tables)");
 }
@@ -1073,6 +1234,12 @@ void gaussian_indexes(const Tables& t, const float* scales, size_t C, size_t H, 
                       Half half, int32_t* indexes) {
   check_gaussian(t);
   half_size(C, H, W);
+#ifdef RANS_HAVE_AVX512_KERNEL
+  if (use_pack512(t)) {
+    throw_flags(half_indexes_avx512(t, scales, C, H, W, half, indexes));
+    return;
+  }
+#endif
   const size_t Wh = W / 2;
   int flags = 0;
   size_t k = 0;
@@ -1086,6 +1253,12 @@ void gaussian_indexes(const Tables& t, const float* scales, size_t C, size_t H, 
 void gaussian_dequantize(const int32_t* symbols, const float* means, size_t C, size_t H,
                          size_t W, Half half, float* y_hat) {
   half_size(C, H, W);
+#ifdef RANS_HAVE_AVX512_KERNEL
+  if (g_avx512) {
+    half_dequantize_avx512(symbols, means, C, H, W, half, y_hat);
+    return;
+  }
+#endif
   const size_t Wh = W / 2;
   size_t k = 0;
   for (size_t c = 0; c < C; ++c) {
@@ -1112,6 +1285,11 @@ void YEncoder::encode_half(const float* y, const float* scales, const float* mea
   int flags = 0;
   size_t k = 0;
 #ifdef RANS_HAVE_AVX512_KERNEL
+  if (use_pack512(*t_)) {
+    throw_flags(half_encode_avx512(*t_, y, means, scales, C, H, W, half, sym, idx, y_hat));
+    n_ += n;
+    return;
+  }
   const bool v512 = g_avx512 && t_->lut_n_ != 0 && t_->lut_n_ <= 128;
   const IndexLut L = make_lut(*t_);
 #endif

@@ -113,6 +113,9 @@ class Tables {
   std::vector<int32_t> lut_thr_;   // threshold bits in the bucket or INT32_MAX
   std::vector<int32_t> lut_count_;
   uint32_t lut_base_bits_ = 0, lut_shift_ = 0, lut_n_ = 0;
+  // the same table packed into one int32 per bucket (empty: not packable):
+  // (count << shift) | (threshold bits - bucket start, or 2^shift - 1 if none)
+  std::vector<int32_t> lut_pack_;
 
  private:
   void build_index_lut();

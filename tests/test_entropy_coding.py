@@ -592,3 +592,49 @@ def test_y_decoder_rejects_nan_scales(tables):
         dec.decode_half(bad, y, "anchor")
     dec.decode_half(sc, y, "anchor")  # nothing was consumed by the failed call
     dec.finish()
+
+
+_DISPATCH_SCRIPT = r"""
+import hashlib, sys
+import numpy as np
+from runtime import entropy_coding as ec
+st_ = ec.default_scale_table()
+rng = np.random.default_rng(7)
+rows = st_.size
+cdf = np.zeros((rows, 5), np.int32)
+cdf[:, 1:4] = [16384, 32768, 49152]
+cdf[:, 4] = 65536
+gt = ec.GaussianTables(st_, cdf, np.full(rows, 5, np.int32), np.full(rows, -1, np.int32))
+h = hashlib.sha256()
+for shape in [(3, 5, 34), (2, 4, 2), (5, 7, 48), (1, 3, 64), (4, 2, 30)]:
+    n = int(np.prod(shape))
+    pool = np.concatenate([st_, np.nextafter(st_, np.float32(0)), np.nextafter(st_, np.float32(1e9)),
+                           np.float32([0, -1, 0.05, 0.11, 1e30, np.inf, -np.inf, 300, 1e-40])])
+    sc = rng.choice(pool, n).astype(np.float32).reshape(shape)
+    m = rng.normal(0, 1, n).astype(np.float32).reshape(shape)
+    y = (m + rng.normal(0, 3, n).astype(np.float32).reshape(shape)).astype(np.float32)
+    for fmt in ec.FORMATS:
+        enc = ec.YEncoder(gt, fmt)
+        for half in ("anchor", "nonanchor"):
+            h.update(enc.encode_half(y, sc, m, half).tobytes())
+        s = enc.finish()
+        h.update(s + enc.symbols.tobytes() + enc.indexes.tobytes())
+        dec = ec.YDecoder(s, gt, fmt)
+        for half in ("anchor", "nonanchor"):
+            h.update(dec.decode_half(sc, m, half).tobytes())
+        dec.finish()
+print(h.hexdigest())
+"""
+
+
+def test_simd_dispatch_paths_agree():
+    """The AVX-512 kernels (when the CPU has them) and the portable ones give identical results."""
+    import subprocess
+    import sys
+
+    def run(extra):
+        env = dict(os.environ, **extra)
+        env.pop("RANS_NO_AVX512", None) if not extra else None
+        return subprocess.run([sys.executable, "-c", _DISPATCH_SCRIPT], env=env, check=True, capture_output=True, text=True).stdout.strip()
+
+    assert run({}) == run({"RANS_NO_AVX512": "1"})
