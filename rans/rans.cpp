@@ -341,6 +341,7 @@ namespace {
 struct ArrayIdx {
   const int32_t* idx;
   uint32_t rows;
+  uint32_t bound() const { return rows; }
   inline int32_t operator()(size_t i) const {
     const int32_t id = idx[i];
     if (__builtin_expect(static_cast<uint32_t>(id) >= rows, 0)) throw_index(i, id, rows);
@@ -382,6 +383,7 @@ inline float clamp_scale(float s) { return s < 0.11f ? 0.11f : s; }
 /// Index source over indexes this library computed itself (always in range).
 struct TrustedIdx {
   const int32_t* idx;
+  static uint32_t bound() { return 0xFFFFFFFFu; }
   inline int32_t operator()(size_t i) const { return idx[i]; }
 };
 
@@ -411,6 +413,33 @@ inline void enc_step(uint64_t& x, const EncSym& e, uint32_t* w, size_t& nw) {
   x = xx + e.bias + q * e.cmpl;
 }
 
+/// Hot loop of the compat encoder: codes elements i-1, i-2, ... while they have a valid
+/// index, no escape and a non-zero frequency; returns how many elements are left (the last
+/// of them stopped the loop).  Nothing in it calls out, so x, nw and the pointers stay in
+/// registers (with the escape / error paths in the same loop GCC kept nw in memory, which
+/// put a store-forwarding round trip on every element).
+__attribute__((noinline)) size_t compat_hot(const RowInfo* info, const int32_t* sym,
+                                            const int32_t* idx, uint32_t rows, size_t i,
+                                            uint64_t& x_io, uint32_t* w, size_t& nw_io) {
+  uint64_t x = x_io;
+  size_t nw = nw_io;
+  while (i > 0) {
+    const size_t k = i - 1;
+    const int32_t id = idx[k];
+    if (__builtin_expect(static_cast<uint32_t>(id) >= rows, 0)) break;
+    const RowInfo& ri = info[id];
+    const int64_t v = static_cast<int64_t>(sym[k]) - ri.offset;
+    if (__builtin_expect(static_cast<uint64_t>(v) >= static_cast<uint64_t>(ri.esc), 0)) break;
+    const EncSym* es = ri.enc + v;
+    if (__builtin_expect(es->zero, 0)) break;
+    enc_step(x, *es, w, nw);
+    i = k;
+  }
+  x_io = x;
+  nw_io = nw;
+  return i;
+}
+
 template <class IdxFn>
 std::vector<uint8_t> encode_compat_t(const Tables& t, const int32_t* sym, size_t n,
                                      const IdxFn& idx_of) {
@@ -420,7 +449,11 @@ std::vector<uint8_t> encode_compat_t(const Tables& t, const int32_t* sym, size_t
   size_t nw = 0;
   uint64_t x = kRansL;
   const RowInfo* info = t.info_.data();
-  for (size_t i = n; i-- > 0;) {
+  for (size_t i = n; i > 0;) {
+    // common elements in the call-free hot loop; the one that stops it is coded below
+    i = compat_hot(info, sym, idx_of.idx, idx_of.bound(), i, x, w, nw);
+    if (i == 0) break;
+    --i;
     const int32_t id = idx_of(i);
     const RowInfo& ri = info[id];
     const int64_t v = static_cast<int64_t>(sym[i]) - ri.offset;
@@ -445,6 +478,41 @@ std::vector<uint8_t> encode_compat_t(const Tables& t, const int32_t* sym, size_t
   uint8_t* p = bytes.data() + 8;
   for (size_t k = nw; k-- > 0; p += 4) store_le32(p, w[k]);
   return bytes;
+}
+
+/// Hot loop of the native encoder: codes whole groups of kNativeLanes elements (i is a
+/// multiple of kNativeLanes) from the end while every element of the group has a valid index,
+/// no escape and a non-zero frequency; returns how many elements are left (the group just
+/// below that count stopped it, nothing of it was coded).  Same order as the generic path.
+__attribute__((noinline)) size_t native_hot(const RowInfo* info, const int32_t* sym,
+                                            const int32_t* idx, uint32_t rows, size_t i,
+                                            uint64_t* x_io, uint32_t* w, size_t& nw_io) {
+  constexpr int NL = kNativeLanes;
+  uint64_t x[NL];
+  for (int l = 0; l < NL; ++l) x[l] = x_io[l];
+  size_t nw = nw_io;
+  while (i >= static_cast<size_t>(NL)) {
+    const size_t b = i - NL;
+    const EncSym* es[NL];
+    uint32_t stop = 0;
+#pragma GCC unroll 8
+    for (int l = 0; l < NL; ++l) {
+      const int32_t id = idx[b + l];
+      const uint32_t bad_id = static_cast<uint32_t>(id) >= rows;
+      const RowInfo& ri = info[bad_id ? 0 : id];
+      const int64_t v = static_cast<int64_t>(sym[b + l]) - ri.offset;
+      const uint32_t out = static_cast<uint64_t>(v) >= static_cast<uint64_t>(ri.esc);
+      es[l] = ri.enc + (out ? 0 : v);
+      stop |= bad_id | out | es[l]->zero;
+    }
+    if (__builtin_expect(stop != 0, 0)) break;
+#pragma GCC unroll 8
+    for (int l = NL - 1; l >= 0; --l) enc_step(x[l], *es[l], w, nw);
+    i = b;
+  }
+  for (int l = 0; l < NL; ++l) x_io[l] = x[l];
+  nw_io = nw;
+  return i;
 }
 
 template <class IdxFn>
@@ -481,6 +549,10 @@ std::vector<uint8_t> encode_native_t(const Tables& t, const int32_t* sym, size_t
     one(x[i % NL], i);
   }
   while (i) {
+    // whole groups of common elements in the call-free hot loop; a group with an escape,
+    // a zero-frequency symbol or a bad index is coded here
+    i = native_hot(info, sym, idx_of.idx, idx_of.bound(), i, x, w, nw);
+    if (i == 0) break;
     i -= NL;
 #pragma GCC unroll 8
     for (int l = NL - 1; l >= 0; --l) one(x[l], i + static_cast<size_t>(l));
