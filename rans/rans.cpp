@@ -230,6 +230,7 @@ Tables::Tables(const int32_t* cdf, size_t rows, size_t width, const int32_t* len
   cdf_.resize(total + 1);  // +1 guard
   enc_.resize(total);
   bucket_.resize(rows << kBucketBits);
+  bucket32_.resize(rows << kBucketBits);
   for (size_t r = 0; r < rows; ++r) {
     const int32_t* row = cdf + r * width;
     const size_t n = static_cast<size_t>(lengths[r]);
@@ -255,6 +256,8 @@ Tables::Tables(const int32_t* cdf, size_t rows, size_t width, const int32_t* len
       const uint32_t slot = k << kBucketShift;
       while (dst[s + 1] <= slot) ++s;  // terminates: dst[n-1] == 65536 > slot
       bk[k] = static_cast<uint16_t>(s);
+      bucket32_[(r << kBucketBits) + k] =
+          static_cast<uint32_t>(s) | (std::min<uint32_t>(dst[s + 1] - slot, 0xFFFFu) << 16);
     }
   }
   info_.resize(rows);
@@ -791,6 +794,118 @@ __attribute__((noinline)) int32_t Decoder::native_escape(const RowInfo& ri, size
   return finish_escape(read_golomb(i), ri.esc, ri.offset, i);
 }
 
+namespace {
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+#define RANS_HAVE_NATIVE_DEC_AVX512 1
+bool native_dec_simd_enabled() {
+  static const bool on = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512dq") && std::getenv("RANS_NO_AVX512") == nullptr;
+  }();
+  return on;
+}
+
+/// AVX-512 decoding of whole lane groups of the native format: the 16 64-bit states live in
+/// two zmm registers (lanes 0-7 and 8-15), two independent dependency chains.  Decodes
+/// groups [i, i+16), [i+16, i+32), ... while i + 16 <= n and returns the first group it did
+/// not decode (nothing of that group is consumed): a group with an index out of range, an
+/// escape, or a refill past the last word is left to the scalar code, which handles it (and
+/// raises its errors) exactly as before.  Same arithmetic and word order as the scalar
+/// decoder: lanes refill from the next words in lane order.
+struct DecHalf {
+  __m512i x;      // new states (before refill)
+  __m256i val;    // decoded values
+  __mmask8 need;  // lanes that refill
+  bool ok;
+};
+
+__attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) inline DecHalf native_dec8(
+    const Tables& t, const int32_t* idx, __m256i rows_v, __m512i x) {
+  const int* row_start = reinterpret_cast<const int*>(t.row_start_.data());
+  const int* lengths = t.length_.data();
+  const int* offsets = t.offset_.data();
+  const int* cdf = reinterpret_cast<const int*>(t.cdf_.data());
+  const long long* cdf64 = reinterpret_cast<const long long*>(t.cdf_.data());
+  const int* bucket = reinterpret_cast<const int*>(t.bucket32_.data());
+  const __m256i one = _mm256_set1_epi32(1);
+  const __m256i low16 = _mm256_set1_epi32(0xFFFF);
+  DecHalf r;
+  const __m256i id = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx));
+  const __mmask8 bad = _mm256_cmpge_epu32_mask(id, rows_v);
+  r.ok = bad == 0;
+  const __m256i ids = _mm256_maskz_mov_epi32(static_cast<__mmask8>(~bad), id);  // safe rows
+  const __m256i slot = _mm512_cvtepi64_epi32(_mm512_and_si512(x, _mm512_set1_epi64(0xFFFF)));
+  const __m256i bk = _mm256_i32gather_epi32(
+      bucket, _mm256_add_epi32(_mm256_slli_epi32(ids, kBucketBits), _mm256_srli_epi32(slot, kBucketShift)), 4);
+  const __m256i rs = _mm256_i32gather_epi32(row_start, ids, 4);
+  __m256i s = _mm256_and_si256(bk, low16);
+  // cdf[s+1] <= slot  <=>  (cdf[s+1] - bucket start) <= slot within the bucket
+  __mmask8 m = _mm256_cmple_epu32_mask(_mm256_srli_epi32(bk, 16),
+                                       _mm256_and_si256(slot, _mm256_set1_epi32((1 << kBucketShift) - 1)));
+  while (m != 0) {  // rare: the slot lies past the bucket's first symbol
+    s = _mm256_mask_add_epi32(s, m, s, one);
+    const __m256i c1 = _mm256_mmask_i32gather_epi32(_mm256_setzero_si256(), m,
+                                                    _mm256_add_epi32(_mm256_add_epi32(rs, s), one), cdf, 4);
+    m = _mm256_mask_cmple_epu32_mask(m, c1, slot);
+  }
+  const __m256i esc = _mm256_sub_epi32(_mm256_i32gather_epi32(lengths, ids, 4), _mm256_set1_epi32(2));
+  r.ok &= _mm256_cmpge_epi32_mask(s, esc) == 0;
+  // (cdf[s], cdf[s+1]) in one 64-bit gather per lane (cdf_ has a guard entry)
+  const __m512i pr = _mm512_i32gather_epi64(_mm256_add_epi32(rs, s), cdf64, 4);
+  const __m512i c0 = _mm512_and_si512(pr, _mm512_set1_epi64(0xFFFFFFFFll));
+  const __m512i f = _mm512_sub_epi64(_mm512_srli_epi64(pr, 32), c0);
+  r.x = _mm512_add_epi64(_mm512_mullo_epi64(f, _mm512_srli_epi64(x, kPrecision)),
+                         _mm512_sub_epi64(_mm512_cvtepu32_epi64(slot), c0));
+  r.need = _mm512_cmplt_epu64_mask(r.x, _mm512_set1_epi64(static_cast<long long>(kRansL)));
+  r.val = _mm256_add_epi32(s, _mm256_i32gather_epi32(offsets, ids, 4));
+  return r;
+}
+
+__attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) size_t native_dec_avx512(
+    const Tables& t, const int32_t* idx, uint32_t rows, int32_t* out, size_t i, size_t n,
+    uint64_t* x_io, const uint32_t* words, size_t& pos_io, size_t nwords) {
+  static_assert(kNativeLanes == 16, "two zmm registers of 8 states");
+  __m512i xa = _mm512_loadu_si512(x_io), xb = _mm512_loadu_si512(x_io + 8);
+  size_t pos = pos_io;
+  const __m256i rows_v = _mm256_set1_epi32(static_cast<int>(rows));
+  for (; i + kNativeLanes <= n; i += kNativeLanes) {
+    const DecHalf a = native_dec8(t, idx + i, rows_v, xa);
+    const DecHalf b = native_dec8(t, idx + i + 8, rows_v, xb);
+    const size_t ta = static_cast<size_t>(__builtin_popcount(a.need));
+    const size_t tb = static_cast<size_t>(__builtin_popcount(b.need));
+    if (!(a.ok && b.ok) || pos + ta + tb > nwords) break;  // scalar path for this group
+    const __m512i wa = _mm512_cvtepu32_epi64(_mm256_maskz_expandloadu_epi32(a.need, words + pos));
+    const __m512i wb = _mm512_cvtepu32_epi64(_mm256_maskz_expandloadu_epi32(b.need, words + pos + ta));
+    xa = _mm512_mask_or_epi64(a.x, a.need, _mm512_slli_epi64(a.x, 32), wa);
+    xb = _mm512_mask_or_epi64(b.x, b.need, _mm512_slli_epi64(b.x, 32), wb);
+    pos += ta + tb;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), a.val);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i + 8), b.val);
+  }
+  _mm512_storeu_si512(x_io, xa);
+  _mm512_storeu_si512(x_io + 8, xb);
+  pos_io = pos;
+  return i;
+}
+#endif
+
+template <class Src, class Sink>
+struct NativeSimdArgs {
+  static constexpr bool kOk = false;
+};
+template <>
+struct NativeSimdArgs<TrustedIdx, ArraySink> {
+  static constexpr bool kOk = true;
+};
+template <>
+struct NativeSimdArgs<ArrayIdx, ArraySink> {
+  static constexpr bool kOk = true;
+};
+
+}  // namespace
+
 template <class Src, class Sink>
 void Decoder::run_native(size_t n, Src& src, Sink& sink) {
   constexpr int NL = kNativeLanes;
@@ -833,6 +948,15 @@ void Decoder::run_native(size_t n, Src& src, Sink& sink) {
       ++i;
     }
     while (i + NL <= n) {
+#ifdef RANS_HAVE_NATIVE_DEC_AVX512
+      if constexpr (NativeSimdArgs<Src, Sink>::kOk) {
+        if (native_dec_simd_enabled() && t_->rows() <= (1u << 20) &&
+            t_->cdf_.size() < (1ull << 30)) {  // int32 gather indexes
+          i = native_dec_avx512(*t_, src.idx, src.bound(), sink.out, i, n, x, words, pos, nwords);
+          if (i + NL > n) break;
+        }
+      }
+#endif
 #pragma GCC unroll 8
       for (int l = 0; l < NL; ++l) one(x[l], i + static_cast<size_t>(l));
       check(i);

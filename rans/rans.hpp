@@ -4,7 +4,7 @@
 //   * Format::Compat - byte-identical to compressai's RansEncoder /
 //     BufferedRansEncoder / RansDecoder (one 64-bit state, 32-bit words,
 //     16-bit CDFs, 4-bit bypass escapes).  See shared/specs/rans-compressai-format.md.
-//   * Format::Native - this project's own versioned format: 8 interleaved
+//   * Format::Native - this project's own versioned format: 16 interleaved
 //     64-bit states, branchless renormalisation, escape payloads in a separate
 //     raw bit section (Exp-Golomb).  See docs/rans-native-format.md.
 //
@@ -34,9 +34,9 @@ enum class Half { Anchor = 0, NonAnchor = 1 };
 constexpr int kPrecision = 16;
 constexpr uint32_t kProbScale = 1u << kPrecision;  // 65536
 constexpr uint64_t kRansL = 1ull << 31;            // lower bound of the state interval
-constexpr int kNativeLanes = 8;                    // interleaved states in the native format
+constexpr int kNativeLanes = 16;                   // interleaved states in the native format
 constexpr uint8_t kNativeMagic = 0xD7;
-constexpr uint8_t kNativeVersion = 1;
+constexpr uint8_t kNativeVersion = 2;
 constexpr int kBucketBits = 10;                    // decoder slot->symbol bucket table
 constexpr int kBucketShift = kPrecision - kBucketBits;
 
@@ -105,6 +105,9 @@ class Tables {
   std::vector<int32_t> offset_;      // offset per row
   std::vector<EncSym> enc_;          // packed like cdf_ (one per symbol, last unused)
   std::vector<uint16_t> bucket_;     // rows x (1<<kBucketBits)
+  // SIMD decoder: per bucket (symbol s at the bucket start) | min(cdf[s+1] - bucket start,
+  // 0xFFFF) << 16, rows x (1<<kBucketBits)
+  std::vector<uint32_t> bucket32_;
   std::vector<RowInfo> info_;
   std::vector<float> scale_table_;
   std::vector<float> thresholds_;    // padded to thr_size_ with +inf

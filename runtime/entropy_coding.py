@@ -5,7 +5,7 @@ formats are available:
 
 * ``"compat"``: byte-identical to compressai's ``RansEncoder``/``BufferedRansEncoder``
   streams (the official DiffEIC bitstream), see ``shared/specs/rans-compressai-format.md``.
-* ``"native"``: this project's faster, versioned format (8 interleaved 64-bit states,
+* ``"native"``: this project's faster, versioned format (16 interleaved 64-bit states,
   escapes in a separate raw bit section), see ``docs/rans-native-format.md``.
 
 Every failure (bad tables, bad arrays, NaN scales, uncodable symbols, truncated or

@@ -623,6 +623,30 @@ for shape in [(3, 5, 34), (2, 4, 2), (5, 7, 48), (1, 3, 64), (4, 2, 30)]:
         for half in ("anchor", "nonanchor"):
             h.update(dec.decode_half(sc, m, half).tobytes())
         dec.finish()
+# low level: escapes, bad indexes, truncation and bit flips (the vector decoder hands such
+# lane groups to the scalar code: same values, same errors)
+for n in (15, 16, 17, 100, 1000, 4099):
+    idx = rng.integers(0, rows, n).astype(np.int32)
+    sym = rng.integers(-4, 5, n).astype(np.int32)
+    esc = rng.random(n) < 0.02
+    sym[esc] = rng.integers(-(2 ** 31), 2 ** 31 - 1, int(esc.sum()))
+    for fmt in ec.FORMATS:
+        s = ec.encode_with_indexes(sym, idx, gt, fmt)
+        h.update(s)
+        cases = [s, s[: len(s) - 4], s + bytes(4)]
+        for k in range(20):
+            b = bytearray(s)
+            p = int(rng.integers(0, len(b)))
+            b[p] ^= 1 << int(rng.integers(0, 8))
+            cases.append(bytes(b))
+        bad_idx = idx.copy()
+        bad_idx[n // 2] = rows
+        for c in cases:
+            for ix in (idx, bad_idx):
+                try:
+                    h.update(ec.decode_with_indexes(c, ix, gt, fmt).tobytes())
+                except ValueError as e:
+                    h.update(str(e).encode())
 print(h.hexdigest())
 """
 
