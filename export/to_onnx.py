@@ -454,3 +454,155 @@ def export_network(
     log.debug("%s: exported with %s to %s", spec.name, used, path.name)
     return ExportedGraph(spec.name, path, extra, used)
 
+
+
+# =========================================================================== ORT graphs
+
+ORT_SUFFIX = ".ort"  # manifest name / file stem suffix of the ONNX Runtime variant of a graph
+
+
+def fuse_attention(model: "onnx.ModelProto") -> int:  # noqa: F821 - onnx is imported lazily
+    """Rewrite every exported attention (``(Q K^T) * scale -> Softmax -> @ V`` between the
+    head split/merge reshapes) into one ``com.microsoft.MultiHeadAttention`` node, in place.
+
+    The runtime (ONNX Runtime, CPU or CUDA) then never materialises the (heads, N, N)
+    score tensor: at 512x768 the first control self-attention alone holds 3 GB of scores.
+    Same math (softmax(scale * Q K^T) V), float32, so outputs differ only by summation
+    order. Folded cross-attention K/V constants (1, heads, d, 77) / (1, heads, 77, d) are
+    fed through a Transpose + Reshape that ORT constant-folds at load. Only the graph is
+    touched; initializers (and external data) are kept as they are. Returns the count.
+    The result is for ONNX Runtime only (contrib op): TensorRT builds from the plain graph.
+    """
+    import collections
+
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    prod = {o: n for n in g.node for o in n.output}
+    cons: dict[str, list[onnx.NodeProto]] = collections.defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            cons[i].append(n)
+    inits = {i.name: i for i in g.initializer}
+    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+
+    def const(name: str) -> "np.ndarray | None":
+        t = inits.get(name)
+        if t is not None and t.data_location != onnx.TensorProto.EXTERNAL:
+            return numpy_helper.to_array(t)
+        c = consts.get(name)
+        if c is not None and c.attribute and c.attribute[0].name == "value":
+            return numpy_helper.to_array(c.attribute[0].t)
+        return None
+
+    def perm(n: "onnx.NodeProto | None") -> list[int] | None:
+        if n is None or n.op_type != "Transpose":
+            return None
+        return next((list(a.ints) for a in n.attribute if a.name == "perm"), None)
+
+    def split_source(name: str, want: list[int]) -> str | None:
+        # (B, N, h*d) behind Reshape(B, N, h, d) -> Transpose(want)
+        t = prod.get(name)
+        if perm(t) != want:
+            return None
+        r = prod.get(t.input[0])  # type: ignore[union-attr]
+        return r.input[0] if r is not None and r.op_type == "Reshape" else None
+
+    def only(name: str) -> "onnx.NodeProto | None":
+        c = cons.get(name, [])
+        return c[0] if len(c) == 1 else None
+
+    replaced: dict[int, list[onnx.NodeProto]] = {}
+    removed: set[int] = set()
+    extra_inits: list[onnx.TensorProto] = []
+    orphans: set[str] = set()  # scale constants the fused nodes no longer read
+    count = 0
+    for sm in [n for n in g.node if n.op_type == "Softmax"]:
+        if any(a.name == "axis" and a.i not in (-1, 3) for a in sm.attribute):
+            continue
+        mul = prod.get(sm.input[0])
+        scale = const(mul.input[1]) if mul is not None and mul.op_type == "Mul" else None
+        mm1 = prod.get(mul.input[0]) if scale is not None and scale.size == 1 else None  # type: ignore[union-attr]
+        if mm1 is None or mm1.op_type != "MatMul" or only(mm1.output[0]) is not mul or only(mul.output[0]) is not sm:
+            continue
+        mm2 = only(sm.output[0])
+        if mm2 is None or mm2.op_type != "MatMul" or mm2.input[0] != sm.output[0]:
+            continue
+        tq = prod.get(mm1.input[0])
+        rq = prod.get(tq.input[0]) if perm(tq) == [0, 2, 1, 3] else None  # type: ignore[union-attr]
+        shape = const(rq.input[1]) if rq is not None and rq.op_type == "Reshape" else None  # type: ignore[union-attr]
+        to = only(mm2.output[0])
+        ro = only(to.output[0]) if perm(to) == [0, 2, 1, 3] else None  # type: ignore[union-attr]
+        if shape is None or shape.size != 4 or ro is None or ro.op_type != "Reshape":
+            continue
+        heads, dim = int(shape[2]), int(shape[3])
+        if heads <= 0 or dim <= 0:
+            continue
+        pre = f"fused_attention_{count}"
+        nodes: list[onnx.NodeProto] = []
+        flat = f"{pre}_shape"
+
+        def from_const(name: str, p: list[int], tag: str) -> str | None:
+            t = inits.get(name)
+            if t is None or list(t.dims)[:2] != [1, heads]:
+                return None
+            nodes.append(helper.make_node("Transpose", [name], [f"{pre}_{tag}_t"], perm=p))
+            nodes.append(helper.make_node("Reshape", [f"{pre}_{tag}_t", flat], [f"{pre}_{tag}"]))
+            return f"{pre}_{tag}"
+
+        key = split_source(mm1.input[1], [0, 2, 3, 1]) or from_const(mm1.input[1], [0, 3, 1, 2], "k")
+        value = split_source(mm2.input[1], [0, 2, 1, 3]) or from_const(mm2.input[1], [0, 2, 1, 3], "v")
+        if key is None or value is None:
+            continue
+        if len(nodes):
+            extra_inits.append(numpy_helper.from_array(np.array([1, -1, heads * dim], np.int64), flat))
+        nodes.append(helper.make_node(
+            "MultiHeadAttention", [rq.input[0], key, value], [ro.output[0]], name=pre,  # type: ignore[union-attr]
+            domain="com.microsoft", num_heads=heads, scale=float(scale.reshape(-1)[0])))  # type: ignore[union-attr]
+        removed.update(id(n) for n in (mul, mm1, sm, mm2, to, ro))
+        orphans.add(mul.input[1])
+        replaced[id(ro)] = nodes
+        count += 1
+    if not count:
+        return 0
+    order: list[onnx.NodeProto] = []
+    for n in g.node:
+        order.extend(replaced.get(id(n), []))  # where the merge Reshape stood: inputs exist
+        if id(n) not in removed:
+            order.append(n)
+    needed = {o.name for o in g.output}
+    keep: list[onnx.NodeProto] = []
+    for n in reversed(order):  # drop what only fed the removed nodes
+        if any(o in needed for o in n.output):
+            keep.append(n)
+            needed.update(n.input)
+    del g.node[:]
+    g.node.extend(reversed(keep))
+    used = {i for n in g.node for i in n.input}
+    dead = [t for t in g.initializer if t.name in orphans and t.name not in used]
+    for t in dead:
+        g.initializer.remove(t)
+    g.initializer.extend(extra_inits)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return count
+
+
+def write_ort_graph(path: str | Path, out: str | Path | None = None) -> Path | None:
+    """``<name>.ort.onnx`` beside ``path``: the graph with :func:`fuse_attention` applied,
+    sharing ``path``'s external data file (same folder). None when nothing was fused."""
+    import onnx
+
+    path = Path(path)
+    out = Path(out) if out is not None else path.with_name(path.stem + ORT_SUFFIX + ".onnx")
+    if out.parent.resolve() != path.parent.resolve():
+        raise ValueError("the ORT graph must sit beside the original (it shares its external data)")
+    model = onnx.load(str(path), load_external_data=False)
+    n = fuse_attention(model)
+    if not n:
+        return None
+    onnx.save_model(model, str(out))
+    log.debug("%s: %d attention blocks fused into %s", path.name, n, out.name)
+    return out
