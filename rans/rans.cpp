@@ -518,12 +518,173 @@ __attribute__((noinline)) size_t native_hot(const RowInfo* info, const int32_t* 
   return i;
 }
 
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+#define RANS_HAVE_NATIVE_SIMD 1
+/// AVX-512 F/VL/DQ native coders (runtime dispatch; RANS_NO_AVX512=1 disables them).
+bool native_simd_enabled() {
+  static const bool on = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512dq") && std::getenv("RANS_NO_AVX512") == nullptr;
+  }();
+  return on;
+}
+
+bool native_simd_tables_ok(const Tables& t) {  // int32 gather indexes
+  return t.rows() <= (1u << 20) && t.cdf_.size() < (1ull << 29);
+}
+
+struct EncHalf {
+  __m512i x;      // new states
+  __m256i words;  // words to emit, in emission order (highest lane first), packed low
+  int nemit;
+  bool ok;
+};
+
+/// high 64 bits of the unsigned 64x64 products, lane-wise
+__attribute__((target("avx512f,avx512vl,avx512dq"))) inline __m512i mulhi_epu64(__m512i a, __m512i b) {
+  const __m512i lo32 = _mm512_set1_epi64(0xFFFFFFFFll);
+  const __m512i ah = _mm512_srli_epi64(a, 32), bh = _mm512_srli_epi64(b, 32);
+  const __m512i ll = _mm512_mul_epu32(a, b);
+  const __m512i lh = _mm512_mul_epu32(a, bh);
+  const __m512i hl = _mm512_mul_epu32(ah, b);
+  const __m512i hh = _mm512_mul_epu32(ah, bh);
+  const __m512i mid = _mm512_add_epi64(_mm512_add_epi64(_mm512_srli_epi64(ll, 32), _mm512_and_si512(lh, lo32)),
+                                       _mm512_and_si512(hl, lo32));
+  return _mm512_add_epi64(_mm512_add_epi64(hh, _mm512_srli_epi64(lh, 32)),
+                          _mm512_add_epi64(_mm512_srli_epi64(hl, 32), _mm512_srli_epi64(mid, 32)));
+}
+
+/// Per-row data (row start, escape symbol, offset) for 8 lanes: from registers when there
+/// are at most 64 rows (two permutes and a blend each), else by gathers.
+struct RowData {
+  bool lut;
+  const int* rs_p;
+  const int* len_p;
+  const int* off_p;
+  __m512i rs[4], esc[4], off[4];
+};
+
+__attribute__((target("avx512f,avx512vl,avx512dq"))) inline void load_rows(const Tables& t, RowData& R) {
+  R.rs_p = reinterpret_cast<const int*>(t.row_start_.data());
+  R.len_p = t.length_.data();
+  R.off_p = t.offset_.data();
+  R.lut = t.rows() <= 64;
+  if (!R.lut) return;
+  const size_t rows = t.rows();
+  for (size_t q = 0; q < 4; ++q) {
+    const size_t left = rows > 16 * q ? rows - 16 * q : 0;
+    const __mmask16 m = static_cast<__mmask16>(left >= 16 ? 0xFFFF : ((1u << left) - 1));
+    R.rs[q] = _mm512_maskz_loadu_epi32(m, R.rs_p + 16 * q);
+    R.esc[q] = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, R.len_p + 16 * q), _mm512_set1_epi32(2));
+    R.off[q] = _mm512_maskz_loadu_epi32(m, R.off_p + 16 * q);
+  }
+}
+
+__attribute__((target("avx512f,avx512vl,avx512dq"))) inline __m256i lut64(const __m512i* T, __m256i id) {
+  const __m512i i = _mm512_castsi256_si512(id);
+  const __m512i a = _mm512_permutex2var_epi32(T[0], i, T[1]);
+  const __m512i b = _mm512_permutex2var_epi32(T[2], i, T[3]);
+  return _mm512_castsi512_si256(
+      _mm512_mask_blend_epi32(_mm512_test_epi32_mask(i, _mm512_set1_epi32(32)), a, b));
+}
+
+__attribute__((target("avx512f,avx512vl,avx512dq"))) inline void row_data(const RowData& R, __m256i ids,
+                                                                        __m256i& rs, __m256i& esc,
+                                                                        __m256i& off) {
+  if (R.lut) {
+    rs = lut64(R.rs, ids);
+    esc = lut64(R.esc, ids);
+    off = lut64(R.off, ids);
+  } else {
+    rs = _mm256_i32gather_epi32(R.rs_p, ids, 4);
+    esc = _mm256_sub_epi32(_mm256_i32gather_epi32(R.len_p, ids, 4), _mm256_set1_epi32(2));
+    off = _mm256_i32gather_epi32(R.off_p, ids, 4);
+  }
+}
+
+/// One encoder step of 8 lanes (elements idx[0..7] / sym[0..7]); ok = false when a lane has
+/// an index out of range, an escape or a zero-frequency symbol (nothing is committed then).
+__attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) inline EncHalf native_enc8(
+    const Tables& t, const RowData& R, const int32_t* idx, const int32_t* sym, __m256i rows_v,
+    __m512i x) {
+  const long long* enc = reinterpret_cast<const long long*>(t.enc_.data());
+  EncHalf r;
+  const __m256i id = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx));
+  const __mmask8 bad = _mm256_cmpge_epu32_mask(id, rows_v);
+  const __m256i ids = _mm256_maskz_mov_epi32(static_cast<__mmask8>(~bad), id);
+  __m256i rs, esc32, off;
+  row_data(R, ids, rs, esc32, off);
+  const __m512i v = _mm512_sub_epi64(
+      _mm512_cvtepi32_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sym))),
+      _mm512_cvtepi32_epi64(off));
+  const __m512i esc = _mm512_cvtepi32_epi64(esc32);
+  const __mmask8 inr = _mm512_cmplt_epu64_mask(v, esc);  // 0 <= v < esc
+  const __m256i gid = _mm256_add_epi32(rs, _mm256_maskz_mov_epi32(inr, _mm512_cvtepi64_epi32(v)));
+  const __m256i g2 = _mm256_slli_epi32(gid, 1);  // EncSym = two 64-bit words
+  const __m512i rcp = _mm512_i32gather_epi64(g2, enc, 8);
+  const __m512i meta = _mm512_i32gather_epi64(_mm256_add_epi32(g2, _mm256_set1_epi32(1)), enc, 8);
+  // meta: bias (bits 0-31) | cmpl (32-47) | shift (48-55) | zero (56-63)
+  const __mmask8 zero = _mm512_test_epi64_mask(meta, _mm512_set1_epi64(0xFF00000000000000ll));
+  r.ok = bad == 0 && inr == 0xFF && zero == 0;
+  const __m512i bias = _mm512_and_si512(meta, _mm512_set1_epi64(0xFFFFFFFFll));
+  const __m512i cmpl = _mm512_and_si512(_mm512_srli_epi64(meta, 32), _mm512_set1_epi64(0xFFFF));
+  const __m512i shift = _mm512_and_si512(_mm512_srli_epi64(meta, 48), _mm512_set1_epi64(0xFF));
+  const __m512i xmax = _mm512_slli_epi64(_mm512_sub_epi64(_mm512_set1_epi64(kProbScale), cmpl), 47);
+  const __mmask8 emit = _mm512_cmpge_epu64_mask(x, xmax);
+  // words of the emitting lanes, highest lane first
+  const __m256i rev = _mm256_set_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i lo = _mm256_permutexvar_epi32(rev, _mm512_cvtepi64_epi32(x));
+  const __mmask8 emit_rev = static_cast<__mmask8>(
+      _mm256_cmpneq_epi32_mask(_mm256_permutexvar_epi32(rev, _mm256_maskz_mov_epi32(emit, _mm256_set1_epi32(1))),
+                               _mm256_setzero_si256()));
+  r.words = _mm256_maskz_compress_epi32(emit_rev, lo);
+  r.nemit = __builtin_popcount(emit);
+  const __m512i xx = _mm512_mask_srli_epi64(x, emit, x, 32);
+  const __m512i q = _mm512_srlv_epi64(mulhi_epu64(xx, rcp), shift);
+  r.x = _mm512_add_epi64(_mm512_add_epi64(xx, bias), _mm512_mullo_epi64(q, cmpl));
+  return r;
+}
+
+/// AVX-512 native encoder: whole groups of 16 from the end (i is a multiple of 16), lanes
+/// 8-15 and 0-7 in two zmm registers; the same words in the same order as native_hot.
+/// Returns how many elements are left (the group below stopped it; nothing of it coded).
+__attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) size_t native_enc_avx512(
+    const Tables& t, const int32_t* sym, const int32_t* idx, uint32_t rows, size_t i,
+    uint64_t* x_io, uint32_t* w, size_t& nw_io) {
+  static_assert(kNativeLanes == 16, "two zmm registers of 8 states");
+  __m512i xa = _mm512_loadu_si512(x_io), xb = _mm512_loadu_si512(x_io + 8);
+  size_t nw = nw_io;
+  const __m256i rows_v = _mm256_set1_epi32(static_cast<int>(rows));
+  RowData R;
+  load_rows(t, R);
+  while (i >= static_cast<size_t>(kNativeLanes)) {
+    const size_t b = i - kNativeLanes;
+    const EncHalf hb = native_enc8(t, R, idx + b + 8, sym + b + 8, rows_v, xb);
+    const EncHalf ha = native_enc8(t, R, idx + b, sym + b, rows_v, xa);
+    if (!(ha.ok && hb.ok)) break;
+    // w has room for 8 more words than the element count left (see the callers)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + nw), hb.words);
+    nw += static_cast<size_t>(hb.nemit);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + nw), ha.words);
+    nw += static_cast<size_t>(ha.nemit);
+    xa = ha.x;
+    xb = hb.x;
+    i = b;
+  }
+  _mm512_storeu_si512(x_io, xa);
+  _mm512_storeu_si512(x_io + 8, xb);
+  nw_io = nw;
+  return i;
+}
+#endif
+
 template <class IdxFn>
 std::vector<uint8_t> encode_native_t(const Tables& t, const int32_t* sym, size_t n,
                                      const IdxFn& idx_of) {
   constexpr int NL = kNativeLanes;
   Buf<uint32_t> buf;
-  buf.reserve(n + 8);
+  buf.reserve(n + 16);  // + room for the 8-word vector stores of the SIMD encoder
   uint32_t* w = buf.data();
   size_t nw = 0;
   std::vector<uint64_t> esc;  // escape raws in encoder (reverse) order
@@ -554,7 +715,12 @@ std::vector<uint8_t> encode_native_t(const Tables& t, const int32_t* sym, size_t
   while (i) {
     // whole groups of common elements in the call-free hot loop; a group with an escape,
     // a zero-frequency symbol or a bad index is coded here
-    i = native_hot(info, sym, idx_of.idx, idx_of.bound(), i, x, w, nw);
+#ifdef RANS_HAVE_NATIVE_SIMD
+    if (native_simd_enabled() && native_simd_tables_ok(t))
+      i = native_enc_avx512(t, sym, idx_of.idx, idx_of.bound(), i, x, w, nw);
+    else
+#endif
+      i = native_hot(info, sym, idx_of.idx, idx_of.bound(), i, x, w, nw);
     if (i == 0) break;
     i -= NL;
 #pragma GCC unroll 8
@@ -796,16 +962,7 @@ __attribute__((noinline)) int32_t Decoder::native_escape(const RowInfo& ri, size
 
 namespace {
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
-#define RANS_HAVE_NATIVE_DEC_AVX512 1
-bool native_dec_simd_enabled() {
-  static const bool on = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512dq") && std::getenv("RANS_NO_AVX512") == nullptr;
-  }();
-  return on;
-}
+#ifdef RANS_HAVE_NATIVE_SIMD
 
 /// AVX-512 decoding of whole lane groups of the native format: the 16 64-bit states live in
 /// two zmm registers (lanes 0-7 and 8-15), two independent dependency chains.  Decodes
@@ -822,10 +979,7 @@ struct DecHalf {
 };
 
 __attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) inline DecHalf native_dec8(
-    const Tables& t, const int32_t* idx, __m256i rows_v, __m512i x) {
-  const int* row_start = reinterpret_cast<const int*>(t.row_start_.data());
-  const int* lengths = t.length_.data();
-  const int* offsets = t.offset_.data();
+    const Tables& t, const RowData& R, const int32_t* idx, __m256i rows_v, __m512i x) {
   const int* cdf = reinterpret_cast<const int*>(t.cdf_.data());
   const long long* cdf64 = reinterpret_cast<const long long*>(t.cdf_.data());
   const int* bucket = reinterpret_cast<const int*>(t.bucket32_.data());
@@ -839,7 +993,8 @@ __attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) inline DecHalf nativ
   const __m256i slot = _mm512_cvtepi64_epi32(_mm512_and_si512(x, _mm512_set1_epi64(0xFFFF)));
   const __m256i bk = _mm256_i32gather_epi32(
       bucket, _mm256_add_epi32(_mm256_slli_epi32(ids, kBucketBits), _mm256_srli_epi32(slot, kBucketShift)), 4);
-  const __m256i rs = _mm256_i32gather_epi32(row_start, ids, 4);
+  __m256i rs, esc, off;
+  row_data(R, ids, rs, esc, off);
   __m256i s = _mm256_and_si256(bk, low16);
   // cdf[s+1] <= slot  <=>  (cdf[s+1] - bucket start) <= slot within the bucket
   __mmask8 m = _mm256_cmple_epu32_mask(_mm256_srli_epi32(bk, 16),
@@ -850,7 +1005,6 @@ __attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) inline DecHalf nativ
                                                     _mm256_add_epi32(_mm256_add_epi32(rs, s), one), cdf, 4);
     m = _mm256_mask_cmple_epu32_mask(m, c1, slot);
   }
-  const __m256i esc = _mm256_sub_epi32(_mm256_i32gather_epi32(lengths, ids, 4), _mm256_set1_epi32(2));
   r.ok &= _mm256_cmpge_epi32_mask(s, esc) == 0;
   // (cdf[s], cdf[s+1]) in one 64-bit gather per lane (cdf_ has a guard entry)
   const __m512i pr = _mm512_i32gather_epi64(_mm256_add_epi32(rs, s), cdf64, 4);
@@ -859,7 +1013,7 @@ __attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) inline DecHalf nativ
   r.x = _mm512_add_epi64(_mm512_mullo_epi64(f, _mm512_srli_epi64(x, kPrecision)),
                          _mm512_sub_epi64(_mm512_cvtepu32_epi64(slot), c0));
   r.need = _mm512_cmplt_epu64_mask(r.x, _mm512_set1_epi64(static_cast<long long>(kRansL)));
-  r.val = _mm256_add_epi32(s, _mm256_i32gather_epi32(offsets, ids, 4));
+  r.val = _mm256_add_epi32(s, off);
   return r;
 }
 
@@ -870,9 +1024,11 @@ __attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) size_t native_dec_av
   __m512i xa = _mm512_loadu_si512(x_io), xb = _mm512_loadu_si512(x_io + 8);
   size_t pos = pos_io;
   const __m256i rows_v = _mm256_set1_epi32(static_cast<int>(rows));
+  RowData R;
+  load_rows(t, R);
   for (; i + kNativeLanes <= n; i += kNativeLanes) {
-    const DecHalf a = native_dec8(t, idx + i, rows_v, xa);
-    const DecHalf b = native_dec8(t, idx + i + 8, rows_v, xb);
+    const DecHalf a = native_dec8(t, R, idx + i, rows_v, xa);
+    const DecHalf b = native_dec8(t, R, idx + i + 8, rows_v, xb);
     const size_t ta = static_cast<size_t>(__builtin_popcount(a.need));
     const size_t tb = static_cast<size_t>(__builtin_popcount(b.need));
     if (!(a.ok && b.ok) || pos + ta + tb > nwords) break;  // scalar path for this group
@@ -948,10 +1104,9 @@ void Decoder::run_native(size_t n, Src& src, Sink& sink) {
       ++i;
     }
     while (i + NL <= n) {
-#ifdef RANS_HAVE_NATIVE_DEC_AVX512
+#ifdef RANS_HAVE_NATIVE_SIMD
       if constexpr (NativeSimdArgs<Src, Sink>::kOk) {
-        if (native_dec_simd_enabled() && t_->rows() <= (1u << 20) &&
-            t_->cdf_.size() < (1ull << 30)) {  // int32 gather indexes
+        if (native_simd_enabled() && native_simd_tables_ok(*t_)) {
           i = native_dec_avx512(*t_, src.idx, src.bound(), sink.out, i, n, x, words, pos, nwords);
           if (i + NL > n) break;
         }

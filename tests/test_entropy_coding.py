@@ -605,6 +605,9 @@ cdf = np.zeros((rows, 5), np.int32)
 cdf[:, 1:4] = [16384, 32768, 49152]
 cdf[:, 4] = 65536
 gt = ec.GaussianTables(st_, cdf, np.full(rows, 5, np.int32), np.full(rows, -1, np.int32))
+cdf0 = cdf.copy()
+cdf0[rows // 2, 2] = cdf0[rows // 2, 1]  # symbol 1 of one row has zero frequency
+gt0 = ec.GaussianTables(st_, cdf0, np.full(rows, 5, np.int32), np.full(rows, -1, np.int32))
 h = hashlib.sha256()
 for shape in [(3, 5, 34), (2, 4, 2), (5, 7, 48), (1, 3, 64), (4, 2, 30)]:
     n = int(np.prod(shape))
@@ -641,6 +644,11 @@ for n in (15, 16, 17, 100, 1000, 4099):
             cases.append(bytes(b))
         bad_idx = idx.copy()
         bad_idx[n // 2] = rows
+        for ix, tt in ((bad_idx, gt), (idx, gt0)):  # encoder errors: bad index, zero frequency
+            try:
+                h.update(ec.encode_with_indexes(sym, ix, tt, fmt))
+            except ValueError as e:
+                h.update(str(e).encode())
         for c in cases:
             for ix in (idx, bad_idx):
                 try:
