@@ -541,20 +541,6 @@ struct EncHalf {
   bool ok;
 };
 
-/// high 64 bits of the unsigned 64x64 products, lane-wise
-__attribute__((target("avx512f,avx512vl,avx512dq"))) inline __m512i mulhi_epu64(__m512i a, __m512i b) {
-  const __m512i lo32 = _mm512_set1_epi64(0xFFFFFFFFll);
-  const __m512i ah = _mm512_srli_epi64(a, 32), bh = _mm512_srli_epi64(b, 32);
-  const __m512i ll = _mm512_mul_epu32(a, b);
-  const __m512i lh = _mm512_mul_epu32(a, bh);
-  const __m512i hl = _mm512_mul_epu32(ah, b);
-  const __m512i hh = _mm512_mul_epu32(ah, bh);
-  const __m512i mid = _mm512_add_epi64(_mm512_add_epi64(_mm512_srli_epi64(ll, 32), _mm512_and_si512(lh, lo32)),
-                                       _mm512_and_si512(hl, lo32));
-  return _mm512_add_epi64(_mm512_add_epi64(hh, _mm512_srli_epi64(lh, 32)),
-                          _mm512_add_epi64(_mm512_srli_epi64(hl, 32), _mm512_srli_epi64(mid, 32)));
-}
-
 /// Per-row data (row start, escape symbol, offset) for 8 lanes: from registers when there
 /// are at most 64 rows (two permutes and a blend each), else by gathers.
 struct RowData {
@@ -608,7 +594,7 @@ __attribute__((target("avx512f,avx512vl,avx512dq"))) inline void row_data(const 
 __attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) inline EncHalf native_enc8(
     const Tables& t, const RowData& R, const int32_t* idx, const int32_t* sym, __m256i rows_v,
     __m512i x) {
-  const long long* enc = reinterpret_cast<const long long*>(t.enc_.data());
+  const long long* cdf64 = reinterpret_cast<const long long*>(t.cdf_.data());
   EncHalf r;
   const __m256i id = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx));
   const __mmask8 bad = _mm256_cmpge_epu32_mask(id, rows_v);
@@ -621,16 +607,13 @@ __attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) inline EncHalf nativ
   const __m512i esc = _mm512_cvtepi32_epi64(esc32);
   const __mmask8 inr = _mm512_cmplt_epu64_mask(v, esc);  // 0 <= v < esc
   const __m256i gid = _mm256_add_epi32(rs, _mm256_maskz_mov_epi32(inr, _mm512_cvtepi64_epi32(v)));
-  const __m256i g2 = _mm256_slli_epi32(gid, 1);  // EncSym = two 64-bit words
-  const __m512i rcp = _mm512_i32gather_epi64(g2, enc, 8);
-  const __m512i meta = _mm512_i32gather_epi64(_mm256_add_epi32(g2, _mm256_set1_epi32(1)), enc, 8);
-  // meta: bias (bits 0-31) | cmpl (32-47) | shift (48-55) | zero (56-63)
-  const __mmask8 zero = _mm512_test_epi64_mask(meta, _mm512_set1_epi64(0xFF00000000000000ll));
+  // (cdf[s], cdf[s+1]) in one 64-bit gather per lane (cdf_ has a guard entry)
+  const __m512i pr = _mm512_i32gather_epi64(gid, cdf64, 4);
+  const __m512i start = _mm512_and_si512(pr, _mm512_set1_epi64(0xFFFFFFFFll));
+  const __m512i f = _mm512_sub_epi64(_mm512_srli_epi64(pr, 32), start);
+  const __mmask8 zero = _mm512_cmpeq_epi64_mask(f, _mm512_setzero_si512());
   r.ok = bad == 0 && inr == 0xFF && zero == 0;
-  const __m512i bias = _mm512_and_si512(meta, _mm512_set1_epi64(0xFFFFFFFFll));
-  const __m512i cmpl = _mm512_and_si512(_mm512_srli_epi64(meta, 32), _mm512_set1_epi64(0xFFFF));
-  const __m512i shift = _mm512_and_si512(_mm512_srli_epi64(meta, 48), _mm512_set1_epi64(0xFF));
-  const __m512i xmax = _mm512_slli_epi64(_mm512_sub_epi64(_mm512_set1_epi64(kProbScale), cmpl), 47);
+  const __m512i xmax = _mm512_slli_epi64(f, 47);
   const __mmask8 emit = _mm512_cmpge_epu64_mask(x, xmax);
   // words of the emitting lanes, highest lane first
   const __m256i rev = _mm256_set_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -641,8 +624,18 @@ __attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) inline EncHalf nativ
   r.words = _mm256_maskz_compress_epi32(emit_rev, lo);
   r.nemit = __builtin_popcount(emit);
   const __m512i xx = _mm512_mask_srli_epi64(x, emit, x, 32);
-  const __m512i q = _mm512_srlv_epi64(mulhi_epu64(xx, rcp), shift);
-  r.x = _mm512_add_epi64(_mm512_add_epi64(xx, bias), _mm512_mullo_epi64(q, cmpl));
+  // q = floor(xx / f) exactly: xx < f * 2^47, so the double quotient is within 1/32 of the
+  // real one and its truncation is q - 1, q or q + 1; one correction step on the remainder.
+  const __m512i fs = _mm512_mask_mov_epi64(f, zero, _mm512_set1_epi64(1));  // no 0/0
+  __m512i q = _mm512_cvttpd_epu64(_mm512_div_pd(_mm512_cvtepu64_pd(xx), _mm512_cvtepu64_pd(fs)));
+  __m512i rem = _mm512_sub_epi64(xx, _mm512_mullo_epi64(q, fs));
+  const __mmask8 lo_m = _mm512_cmplt_epi64_mask(rem, _mm512_setzero_si512());
+  q = _mm512_mask_sub_epi64(q, lo_m, q, _mm512_set1_epi64(1));
+  rem = _mm512_mask_add_epi64(rem, lo_m, rem, fs);
+  const __mmask8 hi_m = _mm512_cmpge_epi64_mask(rem, fs);
+  q = _mm512_mask_add_epi64(q, hi_m, q, _mm512_set1_epi64(1));
+  rem = _mm512_mask_sub_epi64(rem, hi_m, rem, fs);
+  r.x = _mm512_add_epi64(_mm512_slli_epi64(q, kPrecision), _mm512_add_epi64(rem, start));
   return r;
 }
 
