@@ -628,7 +628,36 @@ for shape in [(3, 5, 34), (2, 4, 2), (5, 7, 48), (1, 3, 64), (4, 2, 30)]:
         dec.finish()
 # low level: escapes, bad indexes, truncation and bit flips (the vector decoder hands such
 # lane groups to the scalar code: same values, same errors)
-for n in (15, 16, 17, 100, 1000, 4099):
+# diverse frequencies (1 .. 65536): random CDF rows of 2 .. 300 entries
+width = 302
+cdfr = np.zeros((rows, width), np.int32)
+lens = np.zeros(rows, np.int32)
+for r in range(rows):
+    k = int(rng.integers(1, width - 1))
+    if r == 0:
+        freq = np.array([65536 - (k - 1)] + [1] * (k - 1))
+    else:
+        w = rng.random(k) ** 6 + 1e-9
+        freq = np.maximum(1, np.floor(w / w.sum() * (65536 - k)).astype(np.int64))
+        freq[int(np.argmax(freq))] += 65536 - freq.sum()
+    cdfr[r, 1 : k + 1] = np.cumsum(freq)
+    lens[r] = k + 1
+cdfr[1, :3] = [0, 65536, 65536]  # one symbol of frequency 65536 (no escape possible)
+lens[1] = 3
+gtr = ec.GaussianTables(st_, cdfr, lens, -(lens // 3).astype(np.int32))
+for n in (15, 16, 17, 100, 1000, 4099, 20000):
+    idx = rng.integers(0, rows, n).astype(np.int32)
+    v = np.floor(rng.random(n) * (lens[idx] - 2)).astype(np.int64)  # in range: 0 .. esc-1
+    v[rng.random(n) < 0.005] = 400  # a few escapes
+    sym = (v - lens[idx] // 3).astype(np.int32)
+    sym[idx == 1] = -1  # the frequency-65536 symbol
+    try:
+        s = ec.encode_with_indexes(sym, idx, gtr, "native")
+        d = ec.decode_with_indexes(s, idx, gtr, "native")
+        assert np.array_equal(d, sym)
+        h.update(s + d.tobytes())
+    except ValueError as e:
+        h.update(str(e).encode())
     idx = rng.integers(0, rows, n).astype(np.int32)
     sym = rng.integers(-4, 5, n).astype(np.int32)
     esc = rng.random(n) < 0.02
