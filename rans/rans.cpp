@@ -518,7 +518,7 @@ __attribute__((noinline)) size_t native_hot(const RowInfo* info, const int32_t* 
   return i;
 }
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+#if defined(__GNUC__) && defined(__x86_64__)
 #define RANS_HAVE_NATIVE_SIMD 1
 /// AVX-512 F/VL/DQ native coders (runtime dispatch; RANS_NO_AVX512=1 disables them).
 bool native_simd_enabled() {
@@ -1499,7 +1499,7 @@ int row_indexes_generic(const float* sr, size_t Wh, size_t, IndexLut L, int32_t*
 }
 
 bool cpu_has(const char* what) {
-#if defined(RANS_HAVE_AVX2_KERNEL) && !defined(__SANITIZE_ADDRESS__)
+#if defined(RANS_HAVE_AVX2_KERNEL)
   __builtin_cpu_init();
   if (std::strcmp(what, "avx512f") == 0) return __builtin_cpu_supports("avx512f");
   if (std::strcmp(what, "avx2") == 0) return __builtin_cpu_supports("avx2");
