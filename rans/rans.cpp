@@ -1378,6 +1378,49 @@ __attribute__((target("avx512f"))) inline __m512i index16p(__m512 s, const Pack5
   return _mm512_mask_add_epi32(cnt, gt, cnt, _mm512_set1_epi32(1));
 }
 
+/// Row-pair layout for W/2 = 16K + 8 (e.g. W = 48) and even H: the squeezed elements of rows
+/// r and r+1 (parities p and 1-p) are cut into full 16-lane vectors, each read from 32
+/// consecutive floats of the full map: K vectors inside row r, one across the row boundary
+/// (8 + 8 elements), K inside row r+1.  No masked tails (a plain row loop needs two vectors
+/// per row, the second half empty).
+struct PairPat {
+  __m512i sel[2][3], lo[2][3], hi[2][3];  // [parity of row r][vector kind]
+};
+
+__attribute__((target("avx512f"))) inline void make_pair_pat(PairPat& P) {
+  for (int p = 0; p < 2; ++p) {
+    for (int kind = 0; kind < 3; ++kind) {
+      alignas(64) int32_t sel[16], lo[16], hi[16];
+      const int pa = kind == 2 ? 1 - p : p;  // parity of the first 16 floats
+      const int pb = kind == 0 ? p : 1 - p;  // parity of the last 16 floats
+      for (int j = 0; j < 16; ++j) {
+        sel[j] = 2 * j + (j < 8 ? pa : pb);
+        lo[j] = (j % 2 == pa) ? j / 2 : 16;      // 16: the zero vector
+        hi[j] = (j % 2 == pb) ? 8 + j / 2 : 16;
+      }
+      P.sel[p][kind] = _mm512_load_si512(sel);
+      P.lo[p][kind] = _mm512_load_si512(lo);
+      P.hi[p][kind] = _mm512_load_si512(hi);
+    }
+  }
+}
+
+inline bool use_pairs(size_t H, size_t W) { return H % 2 == 0 && (W / 2) % 16 == 8; }
+
+/// Offset (floats from the pair start) and kind of vector v of a row pair.
+inline size_t pair_vec(size_t v, size_t K, size_t W, int& kind) {
+  if (v < K) {
+    kind = 0;
+    return 32 * v;
+  }
+  if (v == K) {
+    kind = 1;
+    return 32 * K;
+  }
+  kind = 2;
+  return W + 16 + 32 * (v - K - 1);
+}
+
 /// Whole-half encoder kernel (symbols, indexes, y_hat) with the packed index table.
 __attribute__((target("avx512f"))) int half_encode_avx512(const Tables& t, const float* y,
                                                          const float* means, const float* scales,
@@ -1392,6 +1435,38 @@ __attribute__((target("avx512f"))) int half_encode_avx512(const Tables& t, const
   const size_t Wh = W / 2;
   __mmask16 nan = 0, bad = 0;
   size_t k = 0;
+  if (use_pairs(H, W)) {
+    PairPat PP;
+    make_pair_pat(PP);
+    const size_t K = (Wh - 8) / 16, nv = Wh / 8;
+    for (size_t c = 0; c < C; ++c) {
+      for (size_t r = 0; r < H; r += 2) {
+        const uint32_t par = half_parity(half, r);
+        const size_t base = (c * H + r) * W;
+        for (size_t v = 0; v < nv; ++v, k += 16) {
+          int kind;
+          const size_t o = base + pair_vec(v, K, W, kind);
+          const __m512i sel = PP.sel[par][kind];
+          const __m512 yv = _mm512_permutex2var_ps(_mm512_loadu_ps(y + o), sel, _mm512_loadu_ps(y + o + 16));
+          const __m512 m = _mm512_permutex2var_ps(_mm512_loadu_ps(means + o), sel, _mm512_loadu_ps(means + o + 16));
+          const __m512 sc = _mm512_permutex2var_ps(_mm512_loadu_ps(scales + o), sel, _mm512_loadu_ps(scales + o + 16));
+          const __m512 rr = _mm512_roundscale_ps(_mm512_sub_ps(yv, m),
+                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          const __mmask16 ok = _mm512_cmp_ps_mask(rr, _mm512_set1_ps(-2147483648.0f), _CMP_GE_OQ) &
+                               _mm512_cmp_ps_mask(rr, _mm512_set1_ps(2147483648.0f), _CMP_LT_OQ);
+          bad |= static_cast<__mmask16>(~ok);
+          const __m512i si = _mm512_cvttps_epi32(_mm512_maskz_mov_ps(ok, rr));
+          _mm512_storeu_si512(sym + k, si);
+          const __m512 yh = _mm512_add_ps(_mm512_cvtepi32_ps(si), m);
+          _mm512_storeu_ps(y_hat + o, _mm512_permutex2var_ps(yh, PP.lo[par][kind], zero));
+          _mm512_storeu_ps(y_hat + o + 16, _mm512_permutex2var_ps(yh, PP.hi[par][kind], zero));
+          nan |= _mm512_cmp_ps_mask(sc, sc, _CMP_UNORD_Q);
+          _mm512_storeu_si512(idx + k, index16p(sc, P));
+        }
+      }
+    }
+    return (nan ? 1 : 0) | (bad ? 2 : 0);
+  }
   for (size_t c = 0; c < C; ++c) {
     for (size_t r = 0; r < H; ++r, k += Wh) {
       const uint32_t par = half_parity(half, r);
@@ -1440,6 +1515,26 @@ __attribute__((target("avx512f"))) int half_indexes_avx512(const Tables& t, cons
   const size_t Wh = W / 2;
   __mmask16 nan = 0;
   size_t k = 0;
+  if (use_pairs(H, W)) {
+    PairPat PP;
+    make_pair_pat(PP);
+    const size_t K = (Wh - 8) / 16, nv = Wh / 8;
+    for (size_t c = 0; c < C; ++c) {
+      for (size_t r = 0; r < H; r += 2) {
+        const uint32_t par = half_parity(half, r);
+        const size_t base = (c * H + r) * W;
+        for (size_t v = 0; v < nv; ++v, k += 16) {
+          int kind;
+          const size_t o = base + pair_vec(v, K, W, kind);
+          const __m512 sc = _mm512_permutex2var_ps(_mm512_loadu_ps(scales + o), PP.sel[par][kind],
+                                                   _mm512_loadu_ps(scales + o + 16));
+          nan |= _mm512_cmp_ps_mask(sc, sc, _CMP_UNORD_Q);
+          _mm512_storeu_si512(idx + k, index16p(sc, P));
+        }
+      }
+    }
+    return nan ? 1 : 0;
+  }
   for (size_t c = 0; c < C; ++c) {
     for (size_t r = 0; r < H; ++r, k += Wh) {
       const float* sr = scales + (c * H + r) * W + half_parity(half, r);
@@ -1466,6 +1561,27 @@ __attribute__((target("avx512f"))) void half_dequantize_avx512(const int32_t* sy
   const __m512 zero = _mm512_setzero_ps();
   const size_t Wh = W / 2;
   size_t k = 0;
+  if (use_pairs(H, W)) {
+    PairPat PP;
+    make_pair_pat(PP);
+    const size_t K = (Wh - 8) / 16, nv = Wh / 8;
+    for (size_t c = 0; c < C; ++c) {
+      for (size_t r = 0; r < H; r += 2) {
+        const uint32_t par = half_parity(half, r);
+        const size_t base = (c * H + r) * W;
+        for (size_t v = 0; v < nv; ++v, k += 16) {
+          int kind;
+          const size_t o = base + pair_vec(v, K, W, kind);
+          const __m512 m = _mm512_permutex2var_ps(_mm512_loadu_ps(means + o), PP.sel[par][kind],
+                                                  _mm512_loadu_ps(means + o + 16));
+          const __m512 yh = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(sym + k)), m);
+          _mm512_storeu_ps(y_hat + o, _mm512_permutex2var_ps(yh, PP.lo[par][kind], zero));
+          _mm512_storeu_ps(y_hat + o + 16, _mm512_permutex2var_ps(yh, PP.hi[par][kind], zero));
+        }
+      }
+    }
+    return;
+  }
   for (size_t c = 0; c < C; ++c) {
     for (size_t r = 0; r < H; ++r, k += Wh) {
       const uint32_t par = half_parity(half, r);

@@ -548,7 +548,7 @@ def test_escape_range_compat_matches_compressai_range(tables):
     assert s == reference_encode(vals.astype(np.int64), idx, raw["gc_quantized_cdf"], raw["gc_cdf_length"], raw["gc_offset"])
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 70), (1, 4, 96), (3, 2, 34), (1, 1, 2)])
+@pytest.mark.parametrize("shape", [(2, 3, 70), (1, 4, 96), (3, 2, 34), (1, 1, 2), (3, 4, 48), (2, 2, 16), (1, 6, 80), (2, 3, 48)])
 def test_simd_kernels_match_numpy(tables, shape):
     """Wide rows exercise the full SIMD vectors (the fixture rows are short)."""
     gt, _, _ = tables
@@ -609,7 +609,7 @@ cdf0 = cdf.copy()
 cdf0[rows // 2, 2] = cdf0[rows // 2, 1]  # symbol 1 of one row has zero frequency
 gt0 = ec.GaussianTables(st_, cdf0, np.full(rows, 5, np.int32), np.full(rows, -1, np.int32))
 h = hashlib.sha256()
-for shape in [(3, 5, 34), (2, 4, 2), (5, 7, 48), (1, 3, 64), (4, 2, 30)]:
+for shape in [(3, 5, 34), (2, 4, 2), (5, 7, 48), (1, 3, 64), (4, 2, 30), (3, 4, 48), (2, 2, 16), (2, 6, 80)]:
     n = int(np.prod(shape))
     pool = np.concatenate([st_, np.nextafter(st_, np.float32(0)), np.nextafter(st_, np.float32(1e9)),
                            np.float32([0, -1, 0.05, 0.11, 1e30, np.inf, -np.inf, 300, 1e-40])])
