@@ -273,14 +273,14 @@ void test_zero_freq_and_tables() {
   CHECK(throws([&] { rans::Tables tt(cdf.data(), 2, 3, len.data(), off.data(), asc, 1); }));
 }
 
-void test_y_coder() {
-  std::mt19937_64 rng(4);
+void test_y_coder_shape(size_t C, size_t H, size_t W) {
+  std::mt19937_64 rng(4 + W);
   const size_t rows = 16;
   RandTables rt = make_tables(rng, rows, 30);
   std::vector<float> scale(rows);
   for (size_t k = 0; k < rows; ++k) scale[k] = 0.11f * std::pow(1.5f, static_cast<float>(k));
   const auto t = build(rt, scale.data());
-  const size_t C = 3, H = 5, W = 8, N = C * H * W;
+  const size_t N = C * H * W;
   std::normal_distribution<float> nd(0, 5);
   for (rans::Format fmt : {rans::Format::Compat, rans::Format::Native}) {
     rans::YEncoder enc(t, fmt);
@@ -316,6 +316,13 @@ void test_y_coder() {
     CHECK(throws([&] { enc.encode_half(y.data(), s.data(), m.data(), C, H, W, rans::Half::Anchor, out.data()); }));
     CHECK(throws([&] { enc.encode_half(y.data(), s.data(), m.data(), C, H, W - 1, rans::Half::Anchor, out.data()); }));
   }
+}
+
+// 5 rows x 8 columns: row-by-row kernels; W = 48 / 16 with even H: the row-pair kernels
+void test_y_coder() {
+  test_y_coder_shape(3, 5, 8);
+  test_y_coder_shape(2, 4, 48);
+  test_y_coder_shape(1, 2, 16);
 }
 
 }  // namespace
