@@ -177,12 +177,11 @@ void Buf<T>::grow(size_t need, size_t used) {
     Pool<T>& p = pool<T>();
     std::lock_guard<std::mutex> lock(p.m);
     size_t best = p.free.size();
+    // the largest pooled buffer: growing buffers (one YEncoder half after the other) then
+    // rarely grow again, which would copy everything written so far
     auto better = [&](size_t k) {
       if (p.free[k].size() < need) return false;
-      if (best == p.free.size()) return true;
-      const bool kw = p.free[k].size() >= want, bw = p.free[best].size() >= want;
-      if (kw != bw) return kw;  // first choice: large enough for `want`
-      return kw ? p.free[k].size() < p.free[best].size() : p.free[k].size() > p.free[best].size();
+      return best == p.free.size() || p.free[k].size() > p.free[best].size();
     };
     for (size_t k = 0; k < p.free.size(); ++k)
       if (better(k)) best = k;
@@ -589,12 +588,15 @@ __attribute__((target("avx512f,avx512vl,avx512dq"))) inline void row_data(const 
   }
 }
 
+struct EncHalf;
+__attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) inline void native_enc8_code(
+    const Tables& t, __m256i gid, bool ok, __m512i x, EncHalf& r);
+
 /// One encoder step of 8 lanes (elements idx[0..7] / sym[0..7]); ok = false when a lane has
 /// an index out of range, an escape or a zero-frequency symbol (nothing is committed then).
 __attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) inline EncHalf native_enc8(
     const Tables& t, const RowData& R, const int32_t* idx, const int32_t* sym, __m256i rows_v,
     __m512i x) {
-  const long long* cdf64 = reinterpret_cast<const long long*>(t.cdf_.data());
   EncHalf r;
   const __m256i id = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx));
   const __mmask8 bad = _mm256_cmpge_epu32_mask(id, rows_v);
@@ -607,12 +609,20 @@ __attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) inline EncHalf nativ
   const __m512i esc = _mm512_cvtepi32_epi64(esc32);
   const __mmask8 inr = _mm512_cmplt_epu64_mask(v, esc);  // 0 <= v < esc
   const __m256i gid = _mm256_add_epi32(rs, _mm256_maskz_mov_epi32(inr, _mm512_cvtepi64_epi32(v)));
+  native_enc8_code(t, gid, bad == 0 && inr == 0xFF, x, r);
+  return r;
+}
+
+/// The state update of native_enc8 for 8 lanes whose symbol positions in cdf_ are known.
+__attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) inline void native_enc8_code(
+    const Tables& t, __m256i gid, bool ok, __m512i x, EncHalf& r) {
+  const long long* cdf64 = reinterpret_cast<const long long*>(t.cdf_.data());
   // (cdf[s], cdf[s+1]) in one 64-bit gather per lane (cdf_ has a guard entry)
   const __m512i pr = _mm512_i32gather_epi64(gid, cdf64, 4);
   const __m512i start = _mm512_and_si512(pr, _mm512_set1_epi64(0xFFFFFFFFll));
   const __m512i f = _mm512_sub_epi64(_mm512_srli_epi64(pr, 32), start);
   const __mmask8 zero = _mm512_cmpeq_epi64_mask(f, _mm512_setzero_si512());
-  r.ok = bad == 0 && inr == 0xFF && zero == 0;
+  r.ok = ok && zero == 0;
   const __m512i xmax = _mm512_slli_epi64(f, 47);
   const __mmask8 emit = _mm512_cmpge_epu64_mask(x, xmax);
   // words of the emitting lanes, highest lane first
@@ -636,6 +646,15 @@ __attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) inline EncHalf nativ
   q = _mm512_mask_add_epi64(q, hi_m, q, _mm512_set1_epi64(1));
   rem = _mm512_mask_sub_epi64(rem, hi_m, rem, fs);
   r.x = _mm512_add_epi64(_mm512_slli_epi64(q, kPrecision), _mm512_add_epi64(rem, start));
+}
+
+/// native_enc8 with precomputed symbol positions (YEncoder: gid < 0 marks an escape).
+__attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) inline EncHalf native_enc8g(
+    const Tables& t, const int32_t* gidp, __m512i x) {
+  EncHalf r;
+  const __m256i g = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gidp));
+  const __mmask8 neg = _mm256_cmplt_epi32_mask(g, _mm256_setzero_si256());
+  native_enc8_code(t, _mm256_maskz_mov_epi32(static_cast<__mmask8>(~neg), g), neg == 0, x, r);
   return r;
 }
 
@@ -643,8 +662,8 @@ __attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) inline EncHalf nativ
 /// 8-15 and 0-7 in two zmm registers; the same words in the same order as native_hot.
 /// Returns how many elements are left (the group below stopped it; nothing of it coded).
 __attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) size_t native_enc_avx512(
-    const Tables& t, const int32_t* sym, const int32_t* idx, uint32_t rows, size_t i,
-    uint64_t* x_io, uint32_t* w, size_t& nw_io) {
+    const Tables& t, const int32_t* sym, const int32_t* idx, uint32_t rows, const int32_t* gid,
+    size_t i, uint64_t* x_io, uint32_t* w, size_t& nw_io) {
   static_assert(kNativeLanes == 16, "two zmm registers of 8 states");
   __m512i xa = _mm512_loadu_si512(x_io), xb = _mm512_loadu_si512(x_io + 8);
   size_t nw = nw_io;
@@ -653,8 +672,14 @@ __attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) size_t native_enc_av
   load_rows(t, R);
   while (i >= static_cast<size_t>(kNativeLanes)) {
     const size_t b = i - kNativeLanes;
-    const EncHalf hb = native_enc8(t, R, idx + b + 8, sym + b + 8, rows_v, xb);
-    const EncHalf ha = native_enc8(t, R, idx + b, sym + b, rows_v, xa);
+    EncHalf ha, hb;
+    if (gid) {
+      hb = native_enc8g(t, gid + b + 8, xb);
+      ha = native_enc8g(t, gid + b, xa);
+    } else {
+      hb = native_enc8(t, R, idx + b + 8, sym + b + 8, rows_v, xb);
+      ha = native_enc8(t, R, idx + b, sym + b, rows_v, xa);
+    }
     if (!(ha.ok && hb.ok)) break;
     // w has room for 8 more words than the element count left (see the callers)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + nw), hb.words);
@@ -674,7 +699,7 @@ __attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) size_t native_enc_av
 
 template <class IdxFn>
 std::vector<uint8_t> encode_native_t(const Tables& t, const int32_t* sym, size_t n,
-                                     const IdxFn& idx_of) {
+                                     const IdxFn& idx_of, const int32_t* gid) {
   constexpr int NL = kNativeLanes;
   Buf<uint32_t> buf;
   buf.reserve(n + 16);  // + room for the 8-word vector stores of the SIMD encoder
@@ -710,7 +735,7 @@ std::vector<uint8_t> encode_native_t(const Tables& t, const int32_t* sym, size_t
     // a zero-frequency symbol or a bad index is coded here
 #ifdef RANS_HAVE_NATIVE_SIMD
     if (native_simd_enabled() && native_simd_tables_ok(t))
-      i = native_enc_avx512(t, sym, idx_of.idx, idx_of.bound(), i, x, w, nw);
+      i = native_enc_avx512(t, sym, idx_of.idx, idx_of.bound(), gid, i, x, w, nw);
     else
 #endif
       i = native_hot(info, sym, idx_of.idx, idx_of.bound(), i, x, w, nw);
@@ -741,9 +766,9 @@ std::vector<uint8_t> encode_native_t(const Tables& t, const int32_t* sym, size_t
 
 template <class IdxFn>
 std::vector<uint8_t> encode_t(const Tables& t, Format fmt, const int32_t* sym, size_t n,
-                              const IdxFn& idx_of) {
+                              const IdxFn& idx_of, const int32_t* gid = nullptr) {
   if (fmt == Format::Compat) return encode_compat_t(t, sym, n, idx_of);
-  return encode_native_t(t, sym, n, idx_of);
+  return encode_native_t(t, sym, n, idx_of, gid);
 }
 
 }  // namespace
@@ -1378,6 +1403,39 @@ __attribute__((target("avx512f"))) inline __m512i index16p(__m512 s, const Pack5
   return _mm512_mask_add_epi32(cnt, gt, cnt, _mm512_set1_epi32(1));
 }
 
+/// Per-element position in Tables::cdf_ of the coded symbol (row start + symbol - offset),
+/// or -1 when the value needs an escape; computed in the float pass so that the coders
+/// skip the row lookups.  Needs <= 64 rows (tables in registers).
+struct Gid512 {
+  __m512i rs[4], lo[4], hi[4];  // row start, offset, offset + escape symbol - 1
+};
+
+__attribute__((target("avx512f"))) inline void load_gid512(const Tables& t, Gid512& G) {
+  const size_t rows = t.rows();
+  for (size_t q = 0; q < 4; ++q) {
+    const size_t left = rows > 16 * q ? rows - 16 * q : 0;
+    const __mmask16 m = static_cast<__mmask16>(left >= 16 ? 0xFFFF : ((1u << left) - 1));
+    G.rs[q] = _mm512_maskz_loadu_epi32(m, t.row_start_.data() + 16 * q);
+    G.lo[q] = _mm512_maskz_loadu_epi32(m, t.offset_.data() + 16 * q);
+    // offset + (length - 2) - 1 fits int32 (checked when the tables were built)
+    G.hi[q] = _mm512_add_epi32(G.lo[q], _mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, t.length_.data() + 16 * q),
+                                                         _mm512_set1_epi32(3)));
+  }
+}
+
+__attribute__((target("avx512f"))) inline __m512i lut64z(const __m512i* T, __m512i i) {
+  const __m512i a = _mm512_permutex2var_epi32(T[0], i, T[1]);
+  const __m512i b = _mm512_permutex2var_epi32(T[2], i, T[3]);
+  return _mm512_mask_blend_epi32(_mm512_test_epi32_mask(i, _mm512_set1_epi32(32)), a, b);
+}
+
+__attribute__((target("avx512f"))) inline __m512i gid16(const Gid512& G, __m512i ix, __m512i sym) {
+  const __m512i lo = lut64z(G.lo, ix), hi = lut64z(G.hi, ix);
+  const __mmask16 in = _mm512_cmpge_epi32_mask(sym, lo) & _mm512_cmple_epi32_mask(sym, hi);
+  const __m512i g = _mm512_add_epi32(lut64z(G.rs, ix), _mm512_sub_epi32(sym, lo));
+  return _mm512_mask_mov_epi32(_mm512_set1_epi32(-1), in, g);
+}
+
 /// Row-pair layout for W/2 = 16K + 8 (e.g. W = 48) and even H: the squeezed elements of rows
 /// r and r+1 (parities p and 1-p) are cut into full 16-lane vectors, each read from 32
 /// consecutive floats of the full map: K vectors inside row r, one across the row boundary
@@ -1425,9 +1483,12 @@ inline size_t pair_vec(size_t v, size_t K, size_t W, int& kind) {
 __attribute__((target("avx512f"))) int half_encode_avx512(const Tables& t, const float* y,
                                                          const float* means, const float* scales,
                                                          size_t C, size_t H, size_t W, Half half,
-                                                         int32_t* sym, int32_t* idx, float* y_hat) {
+                                                         int32_t* sym, int32_t* idx, float* y_hat,
+                                                         int32_t* gid) {
   Pack512 P;
   load_pack512(t, P);
+  Gid512 G;
+  if (gid) load_gid512(t, G);
   const __m512i zi = _mm512_set1_epi32(16);
   const __m512i i0 = _mm512_set_epi32(16, 7, 16, 6, 16, 5, 16, 4, 16, 3, 16, 2, 16, 1, 16, 0);
   const __m512i i1 = _mm512_set_epi32(16, 15, 16, 14, 16, 13, 16, 12, 16, 11, 16, 10, 16, 9, 16, 8);
@@ -1461,7 +1522,9 @@ __attribute__((target("avx512f"))) int half_encode_avx512(const Tables& t, const
           _mm512_storeu_ps(y_hat + o, _mm512_permutex2var_ps(yh, PP.lo[par][kind], zero));
           _mm512_storeu_ps(y_hat + o + 16, _mm512_permutex2var_ps(yh, PP.hi[par][kind], zero));
           nan |= _mm512_cmp_ps_mask(sc, sc, _CMP_UNORD_Q);
-          _mm512_storeu_si512(idx + k, index16p(sc, P));
+          const __m512i ix = index16p(sc, P);
+          _mm512_storeu_si512(idx + k, ix);
+          if (gid) _mm512_storeu_si512(gid + k, gid16(G, ix, si));
         }
       }
     }
@@ -1498,8 +1561,10 @@ __attribute__((target("avx512f"))) int half_encode_avx512(const Tables& t, const
                               _mm512_permutex2var_ps(yh, ilo, zero));
         _mm512_mask_storeu_ps(out_row + 2 * j + 16, static_cast<__mmask16>(om >> 16),
                               _mm512_permutex2var_ps(yh, ihi, zero));
-        nan |= _mm512_mask_cmp_ps_mask(km, s, s, _CMP_UNORD_Q);
-        _mm512_mask_storeu_epi32(idx + k + j, km, index16p(s, P));
+            nan |= _mm512_mask_cmp_ps_mask(km, s, s, _CMP_UNORD_Q);
+        const __m512i ix = index16p(s, P);
+        _mm512_mask_storeu_epi32(idx + k + j, km, ix);
+        if (gid) _mm512_mask_storeu_epi32(gid + k + j, km, gid16(G, ix, si));
       }
     }
   }
@@ -1657,6 +1722,15 @@ bool use_pack512(const Tables& t) {
 }
 #endif
 
+bool native_simd_on(const Tables& t) {
+#ifdef RANS_HAVE_NATIVE_SIMD
+  return native_simd_enabled() && native_simd_tables_ok(t);
+#else
+  (void)t;
+  return false;
+#endif
+}
+
 void check_gaussian(const Tables& t) {
   if (!t.has_scale_table()) throw Error("these tables have no scale table (not Gaussian tables)");
 }
@@ -1746,10 +1820,18 @@ void YEncoder::encode_half(const float* y, const float* scales, const float* mea
   size_t k = 0;
 #ifdef RANS_HAVE_AVX512_KERNEL
   if (use_pack512(*t_)) {
-    throw_flags(half_encode_avx512(*t_, y, means, scales, C, H, W, half, sym, idx, y_hat));
+    int32_t* gid = nullptr;
+    // only the vector native encoder gains from it (the compat chain is latency bound)
+    if (fmt_ == Format::Native && t_->rows() <= 64 && gid_all_ && native_simd_on(*t_)) {
+      gid_.reserve(n_ + n, n_);
+      gid = gid_.data() + n_;
+    }
+    throw_flags(half_encode_avx512(*t_, y, means, scales, C, H, W, half, sym, idx, y_hat, gid));
+    gid_all_ = gid != nullptr;
     n_ += n;
     return;
   }
+  gid_all_ = false;
   const bool v512 = g_avx512 && t_->lut_n_ != 0 && t_->lut_n_ <= 128;
   const IndexLut L = make_lut(*t_);
 #endif
@@ -1775,7 +1857,7 @@ void YEncoder::encode_half(const float* y, const float* scales, const float* mea
 
 std::vector<uint8_t> YEncoder::finish() {
   const TrustedIdx src{indexes_.data()};
-  return encode_t(*t_, fmt_, symbols_.data(), n_, src);
+  return encode_t(*t_, fmt_, symbols_.data(), n_, src, (gid_all_ && n_ > 0) ? gid_.data() : nullptr);
 }
 
 YDecoder::YDecoder(TablesPtr tables, Format fmt, const uint8_t* data, size_t size)

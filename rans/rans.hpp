@@ -237,6 +237,8 @@ class YEncoder {
   TablesPtr t_;
   Format fmt_;
   Buf<int32_t> symbols_, indexes_;
+  Buf<int32_t> gid_;      // cdf_ position of each coded symbol or -1 (AVX-512 float pass)
+  bool gid_all_ = true;   // every half so far filled gid_
   size_t n_ = 0;
 };
 
