@@ -591,6 +591,8 @@ __attribute__((target("avx512f,avx512vl,avx512dq"))) inline void row_data(const 
 struct EncHalf;
 __attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) inline void native_enc8_code(
     const Tables& t, __m256i gid, bool ok, __m512i x, EncHalf& r);
+__attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) inline void native_enc8_sf(
+    __m512i start, __m512i f, bool ok, __m512i x, EncHalf& r);
 
 /// One encoder step of 8 lanes (elements idx[0..7] / sym[0..7]); ok = false when a lane has
 /// an index out of range, an escape or a zero-frequency symbol (nothing is committed then).
@@ -621,6 +623,12 @@ __attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) inline void native_e
   const __m512i pr = _mm512_i32gather_epi64(gid, cdf64, 4);
   const __m512i start = _mm512_and_si512(pr, _mm512_set1_epi64(0xFFFFFFFFll));
   const __m512i f = _mm512_sub_epi64(_mm512_srli_epi64(pr, 32), start);
+  native_enc8_sf(start, f, ok, x, r);
+}
+
+/// The state update of 8 lanes from (start, freq); freq 0 clears ok.
+__attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) inline void native_enc8_sf(
+    __m512i start, __m512i f, bool ok, __m512i x, EncHalf& r) {
   const __mmask8 zero = _mm512_cmpeq_epi64_mask(f, _mm512_setzero_si512());
   r.ok = ok && zero == 0;
   const __m512i xmax = _mm512_slli_epi64(f, 47);
@@ -654,7 +662,18 @@ __attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) inline EncHalf nativ
   EncHalf r;
   const __m256i g = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gidp));
   const __mmask8 neg = _mm256_cmplt_epi32_mask(g, _mm256_setzero_si256());
-  native_enc8_code(t, _mm256_maskz_mov_epi32(static_cast<__mmask8>(~neg), g), neg == 0, x, r);
+  if (neg != 0) {
+    r.ok = false;
+    return r;
+  }
+  // 8 scalar loads of (cdf[s], cdf[s+1]) (cheaper than a gather here)
+  const uint32_t* cdf = t.cdf_.data();
+  uint64_t p[8];
+  for (int l = 0; l < 8; ++l) std::memcpy(&p[l], cdf + gidp[l], 8);
+  const __m512i pr = _mm512_loadu_si512(p);
+  const __m512i start = _mm512_and_si512(pr, _mm512_set1_epi64(0xFFFFFFFFll));
+  const __m512i f = _mm512_sub_epi64(_mm512_srli_epi64(pr, 32), start);
+  native_enc8_sf(start, f, true, x, r);
   return r;
 }
 
