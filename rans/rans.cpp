@@ -535,8 +535,8 @@ bool native_simd_tables_ok(const Tables& t) {  // int32 gather indexes
 
 struct EncHalf {
   __m512i x;      // new states
-  __m256i words;  // words to emit, in emission order (highest lane first), packed low
-  int nemit;
+  __m256i lo;     // low 32 bits of the old states (the words of the emitting lanes)
+  __mmask8 emit;  // lanes that emit a word
   bool ok;
 };
 
@@ -588,6 +588,20 @@ __attribute__((target("avx512f,avx512vl,avx512dq"))) inline void row_data(const 
   }
 }
 
+/// bit-reversed bytes
+constexpr uint8_t rev8(unsigned b) {
+  return static_cast<uint8_t>(((b & 1) << 7) | ((b & 2) << 5) | ((b & 4) << 3) | ((b & 8) << 1) |
+                              ((b & 16) >> 1) | ((b & 32) >> 3) | ((b & 64) >> 5) | ((b & 128) >> 7));
+}
+struct Rev8Table {
+  uint8_t v[256];
+  constexpr Rev8Table() : v() {
+    for (unsigned b = 0; b < 256; ++b) v[b] = rev8(b);
+  }
+  constexpr uint8_t operator[](unsigned b) const { return v[b]; }
+};
+constexpr Rev8Table kRev8{};
+
 struct EncHalf;
 __attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) inline void native_enc8_code(
     const Tables& t, __m256i gid, bool ok, __m512i x, EncHalf& r);
@@ -633,14 +647,8 @@ __attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) inline void native_e
   r.ok = ok && zero == 0;
   const __m512i xmax = _mm512_slli_epi64(f, 47);
   const __mmask8 emit = _mm512_cmpge_epu64_mask(x, xmax);
-  // words of the emitting lanes, highest lane first
-  const __m256i rev = _mm256_set_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i lo = _mm256_permutexvar_epi32(rev, _mm512_cvtepi64_epi32(x));
-  const __mmask8 emit_rev = static_cast<__mmask8>(
-      _mm256_cmpneq_epi32_mask(_mm256_permutexvar_epi32(rev, _mm256_maskz_mov_epi32(emit, _mm256_set1_epi32(1))),
-                               _mm256_setzero_si256()));
-  r.words = _mm256_maskz_compress_epi32(emit_rev, lo);
-  r.nemit = __builtin_popcount(emit);
+  r.lo = _mm512_cvtepi64_epi32(x);
+  r.emit = emit;
   const __m512i xx = _mm512_mask_srli_epi64(x, emit, x, 32);
   // q = floor(xx / f) exactly: xx < f * 2^47, so the double quotient is within 1/32 of the
   // real one and its truncation is q - 1, q or q + 1; one correction step on the remainder.
@@ -687,6 +695,7 @@ __attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) size_t native_enc_av
   __m512i xa = _mm512_loadu_si512(x_io), xb = _mm512_loadu_si512(x_io + 8);
   size_t nw = nw_io;
   const __m256i rows_v = _mm256_set1_epi32(static_cast<int>(rows));
+  const __m512i rev16 = _mm512_set_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   RowData R;
   load_rows(t, R);
   while (i >= static_cast<size_t>(kNativeLanes)) {
@@ -700,11 +709,13 @@ __attribute__((target("avx512f,avx512vl,avx512dq,popcnt"))) size_t native_enc_av
       ha = native_enc8(t, R, idx + b, sym + b, rows_v, xa);
     }
     if (!(ha.ok && hb.ok)) break;
-    // w has room for 8 more words than the element count left (see the callers)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + nw), hb.words);
-    nw += static_cast<size_t>(hb.nemit);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + nw), ha.words);
-    nw += static_cast<size_t>(ha.nemit);
+    // words of the emitting lanes, lane 15 first: reverse lanes 0..15, then compress;
+    // w has room for 16 words past the element count left (see the callers)
+    const __m512i lo16 = _mm512_inserti64x4(_mm512_castsi256_si512(ha.lo), hb.lo, 1);
+    const unsigned m16 = static_cast<unsigned>(ha.emit) | (static_cast<unsigned>(hb.emit) << 8);
+    const __mmask16 rev_m = static_cast<__mmask16>((kRev8[m16 & 0xFF] << 8) | kRev8[m16 >> 8]);
+    _mm512_storeu_si512(w + nw, _mm512_maskz_compress_epi32(rev_m, _mm512_permutexvar_epi32(rev16, lo16)));
+    nw += static_cast<size_t>(__builtin_popcount(m16));
     xa = ha.x;
     xb = hb.x;
     i = b;
@@ -721,7 +732,7 @@ std::vector<uint8_t> encode_native_t(const Tables& t, const int32_t* sym, size_t
                                      const IdxFn& idx_of, const int32_t* gid) {
   constexpr int NL = kNativeLanes;
   Buf<uint32_t> buf;
-  buf.reserve(n + 16);  // + room for the 8-word vector stores of the SIMD encoder
+  buf.reserve(n + 16);  // + room for the 16-word vector stores of the SIMD encoder
   uint32_t* w = buf.data();
   size_t nw = 0;
   std::vector<uint64_t> esc;  // escape raws in encoder (reverse) order
@@ -1442,16 +1453,17 @@ __attribute__((target("avx512f"))) inline void load_gid512(const Tables& t, Gid5
   }
 }
 
-__attribute__((target("avx512f"))) inline __m512i lut64z(const __m512i* T, __m512i i) {
-  const __m512i a = _mm512_permutex2var_epi32(T[0], i, T[1]);
-  const __m512i b = _mm512_permutex2var_epi32(T[2], i, T[3]);
-  return _mm512_mask_blend_epi32(_mm512_test_epi32_mask(i, _mm512_set1_epi32(32)), a, b);
+/// 64-entry table lookup (4 registers); up: lanes whose index has bit 5 set
+__attribute__((target("avx512f"))) inline __m512i lut64m(const __m512i* T, __m512i ix, __mmask16 up) {
+  return _mm512_mask_blend_epi32(up, _mm512_permutex2var_epi32(T[0], ix, T[1]),
+                                 _mm512_permutex2var_epi32(T[2], ix, T[3]));
 }
 
 __attribute__((target("avx512f"))) inline __m512i gid16(const Gid512& G, __m512i ix, __m512i sym) {
-  const __m512i lo = lut64z(G.lo, ix), hi = lut64z(G.hi, ix);
+  const __mmask16 up = _mm512_test_epi32_mask(ix, _mm512_set1_epi32(32));  // rows 32..63
+  const __m512i lo = lut64m(G.lo, ix, up), hi = lut64m(G.hi, ix, up);
   const __mmask16 in = _mm512_cmpge_epi32_mask(sym, lo) & _mm512_cmple_epi32_mask(sym, hi);
-  const __m512i g = _mm512_add_epi32(lut64z(G.rs, ix), _mm512_sub_epi32(sym, lo));
+  const __m512i g = _mm512_add_epi32(lut64m(G.rs, ix, up), _mm512_sub_epi32(sym, lo));
   return _mm512_mask_mov_epi32(_mm512_set1_epi32(-1), in, g);
 }
 
