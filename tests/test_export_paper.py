@@ -2,6 +2,9 @@
 step under ONNX Runtime against PyTorch. Checks the external-data path (one data file next
 to the graph, hashed in the manifest) that only graphs over the protobuf limit take.
 
+Also checks the ONNX Runtime variant written by ``--ort-graphs`` (fused attention) through
+the runtime's OrtBackend against the same PyTorch step.
+
 Needs about 20 GiB of RAM and several CPU-minutes.
 """
 
@@ -20,6 +23,8 @@ from export.__main__ import random_models, select_specs, write_artifacts
 from export.config import load_config
 from export.specs import PixelProfile
 from export.to_onnx import example_inputs, graph_modules
+from runtime.backends.onnxruntime import OrtBackend
+from runtime.config import RuntimeConfig
 from runtime.manifest import load_manifest, verify_file
 
 pytestmark = pytest.mark.slow
@@ -42,7 +47,7 @@ def test_paper_control_unet(tmp_path: Path) -> None:
     out = tmp_path / "paper"
     out.mkdir()
     t0 = time.perf_counter()
-    write_artifacts(models, out, PixelProfile(), 18, specs)
+    write_artifacts(models, out, PixelProfile(), 18, specs, ort_graphs=True)
     log.info("paper control_unet export: %.1f s", time.perf_counter() - t0)
     del models, module
     gc.collect()
@@ -60,4 +65,20 @@ def test_paper_control_unet(tmp_path: Path) -> None:
     got = sess.run(None, {t.name: x.numpy() for t, x in zip(spec.inputs, inputs)})[0]
     err = float(np.abs(got - ref).max() / np.abs(ref).max())
     log.info("paper control_unet ORT vs torch: rel %.2e", err)
+    assert err < 1e-4
+    del sess
+    gc.collect()
+
+    # The ONNX Runtime variant (--ort-graphs: attention fused into MultiHeadAttention), run
+    # the way the runtime runs it: OrtBackend picks control_unet.ort for "control_unet".
+    fused = man.networks["control_unet.ort"]
+    assert fused.file == "control_unet.ort.onnx" and fused.external_data == e.external_data
+    verify_file(d, fused.file, fused.sha256, "control_unet.ort")
+    backend = OrtBackend(man, d, RuntimeConfig())
+    t0 = time.perf_counter()
+    got = backend.run("control_unet", {t.name: x.numpy() for t, x in zip(spec.inputs, inputs)})["eps"]
+    log.info("paper control_unet.ort step: %.1f s", time.perf_counter() - t0)
+    assert backend.files["control_unet"] == "control_unet.ort.onnx"
+    err = float(np.abs(got - ref).max() / np.abs(ref).max())
+    log.info("paper control_unet.ort (fused attention) vs torch: rel %.2e", err)
     assert err < 1e-4
