@@ -33,12 +33,6 @@ import torch
 
 from export.checkpoints import load_state_dict_file, require_parts
 from export.config import DiffEICConfig, load_config
-from export.models.layers import (
-    ckbd_anchor_squeeze,
-    ckbd_anchor_unsqueeze,
-    ckbd_nonanchor_squeeze,
-    ckbd_nonanchor_unsqueeze,
-)
 from export.models.lfgcm import LFGCM, load_lfgcm
 from export.models.sd import load_controlled_unet, load_vae
 from export.models.unet import ControlledUNet
@@ -48,7 +42,7 @@ from runtime import bitstream
 from runtime.entropy_coding import (
     BottleneckTables,
     GaussianTables,
-    YDecoder,
+    IndexDecoder,
     decode_z,
     encode_with_indexes,
     encode_z,
@@ -206,31 +200,13 @@ class ReferencePipeline:
         """
         s = bitstream.unpack(bytes(stream_bytes))
         z_hat = torch.from_numpy(decode_z(s.z, self.bottleneck, s.z_hw, s.coder_format))[None]
-        decoder = YDecoder(s.y, self.gaussian, s.coder_format)
-        # y lives at 1/16 of the padded image, i.e. 4x the hyper-latent grid.
-        y_h, y_w = 4 * s.z_hw[0], 4 * s.z_hw[1]
-        halves = [("anchor", ckbd_anchor_unsqueeze, ckbd_anchor_squeeze),
-                  ("nonanchor", ckbd_nonanchor_unsqueeze, ckbd_nonanchor_squeeze)]
-        calls = [0]
-        table = self._scale_table
+        # decompress_loop hands over the CDF indexes of each half-slice in stream order,
+        # exactly what the official RansDecoder.decode_stream receives.
+        decoder = IndexDecoder(s.y, self.gaussian, s.coder_format)
 
         def read_symbols(indexes: torch.Tensor) -> torch.Tensor:
-            # decompress_loop hands over CDF indexes; YDecoder takes scales and means. A scale
-            # equal to table[k] maps back to index k exactly (float32 comparisons, table[0]
-            # is the 0.11 bound) and a zero mean makes y_hat the symbol itself, so this
-            # decodes exactly the symbols an index-driven RansDecoder would.
-            k = calls[0]
-            calls[0] += 1
-            i, (half, unsqueeze, squeeze) = k // 2, halves[k % 2]
-            if i >= self.lfgcm.slice_num:
-                raise ValueError("decompress_loop asked for more half-slices than the model has")
-            c = self.lfgcm.slice_ch[i]
-            sq = table[indexes.long()].reshape(1, c, y_h, y_w // 2)
-            scales = unsqueeze(sq)[0].numpy()
-            # Off-half positions are not read by the decoder; give them a valid scale anyway.
-            scales = np.where(scales > 0, scales, table[0].item()).astype(np.float32)
-            sym = decoder.decode_half(scales, np.zeros_like(scales), half)
-            return squeeze(torch.from_numpy(sym)[None]).reshape(-1).round().to(torch.int32)
+            idx = np.ascontiguousarray(indexes.reshape(-1).numpy(), np.int32)
+            return torch.from_numpy(np.asarray(decoder.decode(idx), np.int32))
 
         out = self.lfgcm.decompress_loop(z_hat, read_symbols, self._scale_table)
         decoder.finish()
