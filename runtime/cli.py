@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -9,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .config import BACKENDS, RuntimeConfig
 from .pipeline import Timings, peak_rss_mb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -65,3 +67,10 @@ def summary(name: str, timings: Timings, extra: str = "") -> str:
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+
+
+def add_common_options(p: argparse.ArgumentParser, d: RuntimeConfig) -> None:
+    """Options every runtime CLI takes: backend, threads, verbosity."""
+    p.add_argument("--backend", choices=BACKENDS, default=d.backend)
+    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads (0: all)")
+    p.add_argument("-v", "--verbose", action="store_true")

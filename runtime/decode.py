@@ -17,8 +17,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from .bitstream import BitstreamError
-from .cli import STREAM_SUFFIXES, expand_inputs, output_path, setup_logging, summary, write_atomic
-from .config import BACKENDS, SAMPLERS, defaults
+from .cli import add_common_options, STREAM_SUFFIXES, expand_inputs, output_path, setup_logging, summary, write_atomic
+from .config import SAMPLERS, defaults
 from .manifest import ManifestError
 from .pipeline import Codec
 from .sampler import ReplayNoise
@@ -37,9 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler (default: from the stream, else ddpm)")
     p.add_argument("--noise", default=None, help=".npz with x_T (and per-step `noise` for DDPM) to replay")
     p.add_argument("--size", default=None, help="HxW crop for reference-layout streams (they carry no size)")
-    p.add_argument("--backend", choices=BACKENDS, default=d.backend)
-    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads (0: all)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    add_common_options(p, d)
     return p
 
 

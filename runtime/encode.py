@@ -17,8 +17,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .bitstream import BitstreamError
-from .cli import IMAGE_SUFFIXES, expand_inputs, output_path, setup_logging, summary, write_atomic
-from .config import BACKENDS, CODER_FORMATS, CONTAINERS, ENTROPY_PATHS, SAMPLERS, defaults
+from .cli import add_common_options, IMAGE_SUFFIXES, expand_inputs, output_path, setup_logging, summary, write_atomic
+from .config import CODER_FORMATS, CONTAINERS, ENTROPY_PATHS, SAMPLERS, defaults
 from .manifest import ManifestError
 from .pipeline import Codec
 
@@ -45,9 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed, help="noise seed stored in the stream (default: %(default)s)")
     p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler, help="sampler the decoder should use")
     p.add_argument("--steps", type=int, default=d.steps, help="sampling steps the decoder should use")
-    p.add_argument("--backend", choices=BACKENDS, default=d.backend)
-    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads (0: all)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    add_common_options(p, d)
     return p
 
 
