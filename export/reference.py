@@ -213,19 +213,23 @@ class ReferencePipeline:
         return out
 
     @torch.no_grad()
-    def eps(self, x_t: torch.Tensor | np.ndarray, t: int | torch.Tensor,
+    def eps(self, x_t: torch.Tensor | np.ndarray, t: int | float | torch.Tensor,
             c_latent: torch.Tensor | np.ndarray) -> np.ndarray:
-        """One ``DiffEIC.apply_model`` call (control + UNet, empty-prompt context) -> eps (float32)."""
+        """One ``DiffEIC.apply_model`` call (control + UNet, empty-prompt context) -> eps (float32).
+
+        ``t`` is an integer timestep (DDPM/DDIM, a long tensor as in the official samplers)
+        or a fractional one (DPM-Solver++'s model time, a float32 tensor)."""
         x = _f32(x_t)
-        tt = torch.as_tensor(t, dtype=torch.long).reshape(-1)
+        tt = torch.as_tensor(t)
+        tt = tt.to(torch.float32 if tt.is_floating_point() else torch.long).reshape(-1)
         if tt.numel() == 1 and x.shape[0] > 1:
             tt = tt.expand(x.shape[0])
         ctx = self.context.expand(x.shape[0], -1, -1)
         return _np(self.model(x, tt, _f32(c_latent), ctx)).astype(np.float32, copy=False)
 
     def make_sampler(self, sampler: str, steps: int) -> Sampler:
-        """The official sampler (``"ddpm"`` spaced fixed_small, or ``"ddim"`` eta 0) on the
-        config's schedule. For DDIM, ``steps`` is the official S (see runtime.sampler)."""
+        """The official sampler (``"ddpm"`` spaced fixed_small, ``"ddim"`` eta 0 or ``"dpmpp"``
+        DPM-Solver++ 2M) on the config's schedule. For DDIM, ``steps`` is the official S."""
         return make_sampler(sampler, steps, self.schedule)
 
     def sample(self, c_latent: torch.Tensor | np.ndarray, sampler: str = "ddpm", steps: int = 50,
@@ -251,12 +255,12 @@ class ReferencePipeline:
         xs: list[np.ndarray] = [x_T]
         epss: list[np.ndarray] = []
 
-        def model_fn(x: np.ndarray, t: int) -> np.ndarray:
+        def model_fn(x: np.ndarray, t: int | float) -> np.ndarray:
             e = self.eps(x, t, c)
             epss.append(e)
             return e
 
-        def record(i: int, t: int, x_next: np.ndarray, e: np.ndarray) -> None:
+        def record(i: int, t: int | float, x_next: np.ndarray, e: np.ndarray) -> None:
             xs.append(np.array(x_next, dtype=np.float32))
 
         samples = run(smp, x_T, model_fn, source if smp.needs_noise() else None, record)

@@ -7,7 +7,7 @@ Native container, version 1 (all integers big-endian)::
     4      1     version (1)
     5      1     coder format: 0 = compat (compressai rANS), 1 = native (interleaved rANS)
     6      1     entropy path: 0 = reference (float context model), 1 = portable (integer)
-    7      1     sampler: 0 = ddpm (spaced, fixed_small), 1 = ddim (eta 0)
+    7      1     sampler: 0 = ddpm (spaced, fixed_small), 1 = ddim (eta 0), 2 = dpmpp (DPM-Solver++ 2M)
     8      2     sampling steps
     10     8     seed (uint64) of the initial noise and the DDPM per-step noise
     18     16    model fingerprint: first 16 bytes of the manifest's sha256 fingerprint
@@ -42,7 +42,7 @@ MAGIC = b"DEIC"
 VERSION = 1
 CODER_FORMATS = ("compat", "native")
 ENTROPY_PATHS = ("reference", "portable")
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpmpp")
 MAX_SIDE = 1 << 15  # 32768 px: far beyond any latent-diffusion decode, small enough to reject garbage
 _HEADER = struct.Struct(">4sBBBBHQ16sIIIIII")
 HEADER_SIZE = _HEADER.size  # 58

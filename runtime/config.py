@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 BACKENDS = ("ort", "trt")
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpmpp")
 CODER_FORMATS = ("compat", "native")
 CONTAINERS = ("native", "reference")
 ENTROPY_PATHS = ("reference", "portable")
@@ -56,6 +56,18 @@ class RuntimeConfig:
             return len(os.sched_getaffinity(0))
         except AttributeError:  # not on Linux
             return os.cpu_count() or 1
+
+
+# Steps a sampler runs when none are given: the official 50 for DDPM/DDIM; DPM-Solver++
+# is a few-step solver (the runtime accepts 10..25 for it, see runtime.sampler.DPMPP_STEPS).
+DEFAULT_STEPS = {"ddpm": 50, "ddim": 50, "dpmpp": 20}
+
+
+def default_steps(sampler: str) -> int:
+    """The step count used for ``sampler`` when neither the caller nor the stream gives one."""
+    if sampler not in DEFAULT_STEPS:
+        raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
+    return DEFAULT_STEPS[sampler]
 
 
 def defaults() -> RuntimeConfig:

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output PNG (one input) or directory")
     p.add_argument("--engine", "--engines", dest="engine", required=True,
                    help="artifact directory, or any engine/graph file inside it (e.g. engines/unet.plan)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: from the stream, else 50)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: from the stream, else 50; 20 for dpmpp)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="sampler (default: from the stream, else ddpm)")
     p.add_argument("--noise", default=None, help=".npz with x_T (and per-step `noise` for DDPM) to replay")
     p.add_argument("--size", default=None, help="HxW crop for reference-layout streams (they carry no size)")

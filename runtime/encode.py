@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .bitstream import BitstreamError
 from .cli import add_common_options, IMAGE_SUFFIXES, expand_inputs, output_path, setup_logging, summary, write_atomic
-from .config import CODER_FORMATS, CONTAINERS, ENTROPY_PATHS, SAMPLERS, defaults
+from .config import CODER_FORMATS, CONTAINERS, ENTROPY_PATHS, SAMPLERS, default_steps, defaults
 from .manifest import ManifestError
 from .pipeline import Codec
 
@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "hardware; needs portable.npz in the artifacts) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="noise seed stored in the stream (default: %(default)s)")
     p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler, help="sampler the decoder should use")
-    p.add_argument("--steps", type=int, default=d.steps, help="sampling steps the decoder should use")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps the decoder should use (default: 50 for ddpm/ddim, 20 for dpmpp)")
     add_common_options(p, d)
     return p
 
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         cfg = defaults().with_(container=args.format, coder_format=args.coder, entropy_path=args.entropy_path, seed=args.seed, sampler=args.sampler,
-                               steps=args.steps, backend=args.backend, threads=args.threads)
+                               steps=args.steps or default_steps(args.sampler), backend=args.backend,
+                               threads=args.threads)
         items = expand_inputs(args.inputs, IMAGE_SUFFIXES)
         if not items:
             raise ValueError("no input images found")

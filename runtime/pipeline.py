@@ -23,7 +23,7 @@ import numpy as np
 from . import bitstream
 from .backends import Backend, make_backend
 from .bitstream import BitstreamError, Stream
-from .config import RuntimeConfig, defaults
+from .config import RuntimeConfig, default_steps, defaults
 from .entropy_coding import BottleneckTables, GaussianTables, YDecoder, YEncoder, decode_z, encode_z
 from .latent_coding import code_slices
 from .manifest import Manifest, ManifestError, load_manifest, verify_file
@@ -145,6 +145,7 @@ class Codec:
         """Compress an (H, W, 3) uint8 RGB image. ``overrides`` change RuntimeConfig fields
         for this call (container, coder_format, sampler, steps, seed)."""
         cfg = self.cfg.with_(**overrides)
+        make_sampler(cfg.sampler, cfg.steps, self.schedule)  # a stream no decoder could sample is refused here
         if cfg.container == "reference" and cfg.coder_format != "compat":
             raise ValueError("the reference container holds compat-format rANS streams only; use the native container")
         if cfg.container == "reference" and cfg.entropy_path != "reference":
@@ -239,6 +240,18 @@ class Codec:
                 return denoise(sampler, x_T, c_latent, noise, callback)
             return run(sampler, x_T, model_fn, noise, callback)
 
+    def sampling_for(self, stream: Stream, sampler: str | None = None,
+                     steps: int | None = None) -> tuple[str, int, int]:
+        """(sampler, steps, seed) a stream decodes with: the caller's, else the stream's, else
+        the config's. The stream's step count belongs to the stream's sampler: another sampler
+        asked for without steps gets its own default (DPM-Solver++ would refuse DDPM's 50).
+        Raises ValueError for a sampler/steps pair no sampler accepts."""
+        name = sampler or stream.sampler or self.cfg.sampler
+        stream_steps = stream.steps if name == (stream.sampler or self.cfg.sampler) else None
+        n = steps or stream_steps or (self.cfg.steps if name == self.cfg.sampler else default_steps(name))
+        make_sampler(name, n, self.schedule)
+        return name, n, stream.seed if stream.seed is not None else self.cfg.seed
+
     def decode(self, data: bytes, *, sampler: str | None = None, steps: int | None = None,
                noise: NoiseSource | None = None, crop_hw: tuple[int, int] | None = None,
                on_step: StepCallback | None = None) -> DecodeResult:
@@ -248,9 +261,7 @@ class Codec:
         with timings.stage("parse"):
             stream = self.parse(data)
         c_latent = self.decode_latent(stream, timings)
-        sampler_name = sampler or stream.sampler or self.cfg.sampler
-        n_steps = steps or stream.steps or self.cfg.steps
-        seed = stream.seed if stream.seed is not None else self.cfg.seed
+        sampler_name, n_steps, seed = self.sampling_for(stream, sampler, steps)
         samples = self.sample(c_latent, sampler_name, n_steps, noise or GaussianNoise(seed), timings, on_step)
         with timings.stage("vae_decoder"):
             decoded = self.backend.run("vae_decoder", {"latent": samples})["decoded"]

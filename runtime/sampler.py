@@ -11,12 +11,16 @@ image:
   with ``var_type="fixed_small"``), the default sampler of the official
   ``inference_partition.py``.
 * :class:`DDIMSampler`: ``model/ddim_sampler.py`` with eta = 0.
+* :class:`DPMSolverPPSampler`: DPM-Solver++ (2M), the official
+  ``ldm/models/diffusion/dpm_solver`` code as its ``DPMSolverSampler`` calls it
+  (multistep, order 2, time-uniform steps, lower-order final step, data prediction).
 * :func:`make_sampler`, :func:`run`, the noise sources :class:`GaussianNoise`
   and :class:`ReplayNoise`, and :func:`to_uint8_image`.
 
 The contract is diffusers-like and tiny: a sampler exposes the timesteps to
-pass to the model (in sampling order) and a ``step(i, x, eps, noise)`` that
-returns the latent for the next step. Model evaluation lives elsewhere
+pass to the model (in sampling order), ``new_state()`` (per-trajectory memory of a
+multistep solver, ``None`` for one-step samplers) and a ``step(i, x, eps, noise,
+state)`` that returns the latent for the next step. Model evaluation lives elsewhere
 (ONNX Runtime, TensorRT, ...); ``coefficients(i)`` exposes the float32 scalars
 of a step so that a GPU backend can bake or upload them (e.g. for graph
 capture) and reproduce the same arithmetic.
@@ -52,6 +56,9 @@ __all__ = [
     "Sampler",
     "SpacedDDPMSampler",
     "DDIMSampler",
+    "DPMSolverPPSampler",
+    "MultistepState",
+    "DPMPP_STEPS",
     "SAMPLER_NAMES",
     "make_sampler",
     "space_timesteps",
@@ -66,7 +73,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SAMPLER_NAMES: tuple[str, ...] = ("ddpm", "ddim")
+SAMPLER_NAMES: tuple[str, ...] = ("ddpm", "ddim", "dpmpp")
 
 _F32 = np.float32
 
@@ -244,13 +251,20 @@ class Sampler(Protocol):
     """What the runtime needs from a sampler."""
 
     name: str
-    timesteps: np.ndarray  # int64, the t passed to the model, in sampling order
+    # The t passed to the model, in sampling order: int64 for DDPM/DDIM (the official
+    # integer timesteps), float32 for DPM-Solver++ (continuous time mapped to 0..999).
+    timesteps: np.ndarray
 
     def needs_noise(self) -> bool:
         """True if ``step`` consumes one noise array per step."""
         ...
 
-    def step(self, i: int, x: np.ndarray, eps: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+    def new_state(self) -> "MultistepState | None":
+        """Fresh per-trajectory memory for ``step`` (``None``: the sampler keeps none)."""
+        ...
+
+    def step(self, i: int, x: np.ndarray, eps: np.ndarray, noise: np.ndarray | None,
+             state: "MultistepState | None" = None) -> np.ndarray:
         """Step i (0..n-1, sampling order): latent x and model output eps -> next latent (float32)."""
         ...
 
@@ -344,6 +358,9 @@ class SpacedDDPMSampler:
     def needs_noise(self) -> bool:
         return True
 
+    def new_state(self) -> None:
+        return None
+
     def index(self, i: int) -> int:
         """Coefficient index of sampling step i (official ``index = total_steps - i - 1``)."""
         return self.num_steps - 1 - _check_index(i, self.num_steps)
@@ -369,7 +386,8 @@ class SpacedDDPMSampler:
         eps = _as_f32(eps)
         return c["sqrt_recip_alphas_cumprod"] * x - c["sqrt_recipm1_alphas_cumprod"] * eps
 
-    def step(self, i: int, x: np.ndarray, eps: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+    def step(self, i: int, x: np.ndarray, eps: np.ndarray, noise: np.ndarray | None,
+             state: None = None) -> np.ndarray:
         c = self.coefficients(i)
         x = _as_f32(x)
         eps = _as_f32(eps)
@@ -439,6 +457,9 @@ class DDIMSampler:
     def needs_noise(self) -> bool:
         return False
 
+    def new_state(self) -> None:
+        return None
+
     def index(self, i: int) -> int:
         """Coefficient index of sampling step i (official ``index = total_steps - i - 1``)."""
         return self.num_steps - 1 - _check_index(i, self.num_steps)
@@ -472,18 +493,218 @@ class DDIMSampler:
     def predict_x0(self, i: int, x: np.ndarray, eps: np.ndarray) -> np.ndarray:
         return self.step_with_x0(i, x, eps)[1]
 
-    def step(self, i: int, x: np.ndarray, eps: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+    def step(self, i: int, x: np.ndarray, eps: np.ndarray, noise: np.ndarray | None = None,
+             state: None = None) -> np.ndarray:
         # noise is accepted and ignored: with eta = 0 the official code multiplies it by 0.
         return self.step_with_x0(i, x, eps)[0]
 
 
+# --------------------------------------------------------------------------- DPM-Solver++ (2M)
+
+# Step counts the runtime accepts for DPM-Solver++: the range it is meant for (fewer
+# steps than the 50 of DDPM). The official code itself only needs steps >= order (2).
+DPMPP_STEPS: tuple[int, int] = (10, 25)
+# ``lower_order_final`` in the official ``DPM_Solver.sample`` applies below this many steps.
+_DPMPP_LOWER_ORDER_FINAL_BELOW = 15
+
+
+def _round_f32(q: Fraction) -> np.float32:
+    """The float32 nearest to the exact rational ``q`` (ties to even), one rounding."""
+    f = np.float32(float(q))  # may be off by one float32 ulp (double rounding); fix below
+    best = f
+    for c in (np.nextafter(f, np.float32(-np.inf)), np.nextafter(f, np.float32(np.inf))):
+        dc, db = abs(Fraction(float(c)) - q), abs(Fraction(float(best)) - q)
+        if dc < db or (dc == db and (int(c.view(np.uint32)) & 1) == 0):
+            best = c
+    return np.float32(best)
+
+
+def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+    """``torch.linspace(start, end, steps)`` (float32) without torch.
+
+    As for float64 (:func:`torch_linspace_f64`): ``step = (end - start) / (steps - 1)`` in
+    float32, the first half ``start + step * k`` and the second half ``end - step *
+    (steps - 1 - k)``, each a fused multiply-add (one rounding). Checked bit for bit
+    against torch 2.13 CPU in the tests.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    s, e = _F32(start), _F32(end)
+    if steps == 1:
+        return np.array([s], np.float32)
+    step = _F32((e - s) / _F32(steps - 1))
+    fs, fe, fstep = Fraction(float(s)), Fraction(float(e)), Fraction(float(step))
+    half = steps // 2
+    return np.array([_round_f32(fs + fstep * k) if k < half else _round_f32(fe - fstep * (steps - 1 - k))
+                     for k in range(steps)], dtype=np.float32)
+
+
+def _f32(fn: Callable[[float], float], v: np.float32) -> np.float32:
+    """A transcendental function of a float32 scalar, evaluated in float64 and rounded once.
+
+    torch's float32 kernels (SLEEF, <= 1 ulp) may differ from this by an ulp; that is the
+    only source of difference from the official arithmetic (see the module docstring)."""
+    return _F32(fn(float(v)))
+
+
+class _DiscreteVPSchedule:
+    """``NoiseScheduleVP('discrete', alphas_cumprod=...)`` of the official dpm_solver.py, float32.
+
+    ``log_alpha(t)`` is the piecewise-linear interpolation of ``0.5 * log(alphas_cumprod)``
+    over ``t_n = (n + 1) / N``, with the official op order (``interpolate_fn``)."""
+
+    def __init__(self, alphas_cumprod_f32: np.ndarray) -> None:
+        acp = np.asarray(alphas_cumprod_f32, dtype=np.float32)
+        self.total_N = int(acp.shape[0])
+        self.t_array = torch_linspace_f32(0.0, 1.0, self.total_N + 1)[1:]
+        self.log_alpha_array = np.array([_F32(0.5) * _f32(np.log, a) for a in acp], dtype=np.float32)
+
+    def log_alpha(self, t: np.float32) -> np.float32:
+        xp, yp, K = self.t_array, self.log_alpha_array, self.total_N
+        # interpolate_fn: the segment around t; outside the keypoints the outermost segment.
+        k = int(np.searchsorted(xp, t, side="left"))
+        start = 0 if k == 0 else (K - 2 if k >= K else k - 1)
+        sx, ex, sy, ey = xp[start], xp[start + 1], yp[start], yp[start + 1]
+        return _F32(sy + _F32(_F32(_F32(t - sx) * _F32(ey - sy)) / _F32(ex - sx)))
+
+    def alpha(self, t: np.float32) -> np.float32:
+        return _f32(np.exp, self.log_alpha(t))
+
+    def sigma(self, t: np.float32) -> np.float32:
+        return _f32(np.sqrt, _F32(_F32(1.0) - _f32(np.exp, _F32(_F32(2.0) * self.log_alpha(t)))))
+
+    def lamb(self, t: np.float32) -> np.float32:
+        la = self.log_alpha(t)
+        log_std = _F32(_F32(0.5) * _f32(np.log, _F32(_F32(1.0) - _f32(np.exp, _F32(_F32(2.0) * la)))))
+        return _F32(la - log_std)
+
+
+@dataclass
+class MultistepState:
+    """What a multistep solver remembers between steps of one trajectory."""
+
+    prev_x0: np.ndarray | None = None  # data prediction of the previous step
+    next_step: int = 0
+
+
+class DPMSolverPPSampler:
+    """DPM-Solver++ (2M): the official ``DPMSolverSampler`` of ``ldm/models/diffusion/dpm_solver``.
+
+    The official sampler calls ``DPM_Solver(model_fn, NoiseScheduleVP('discrete',
+    alphas_cumprod), predict_x0=True).sample(x_T, steps=S, skip_type='time_uniform',
+    method='multistep', order=2, lower_order_final=True)``. With ``t_j`` =
+    ``linspace(1, 1/N, S + 1)`` (float32), step i (0..S-1) evaluates the model once at
+    ``(x_i, t_i)`` (model time ``(t_i - 1/N) * 1000``, a float), forms the data prediction
+    ``m_i = (x_i - sigma_i * eps) / alpha_i`` and moves to ``t_{i+1}``::
+
+        order 1 (i = 0, and the last step when S < 15):
+            x_{i+1} = (sigma_{i+1} / sigma_i) * x_i - (alpha_{i+1} * expm1(-h)) * m_i
+        order 2:
+            D = (1 / r) * (m_i - m_{i-1}),   r = (lambda_i - lambda_{i-1}) / h
+            x_{i+1} = (sigma_{i+1} / sigma_i) * x_i - a * m_i - (0.5 * a) * D,
+            a = alpha_{i+1} * (exp(-h) - 1)
+
+    with ``h = lambda_{i+1} - lambda_i`` and ``lambda = log alpha - log sigma``. Both
+    orders are the one formula ``x_{i+1} = (c_x * x - a * m) - half_a * (inv_r * (m -
+    m_prev))`` with ``half_a = inv_r = 0`` for order 1 (exact: the subtracted term is
+    +-0), which is what the coefficients and the sampler-step engine use. All arithmetic
+    is float32 in the official op order; the schedule's exp/log/sqrt are correctly
+    rounded here (torch's may be 1 ulp off). Deterministic: no noise.
+    """
+
+    name: str = "dpmpp"
+    order: int = 2
+
+    def __init__(self, steps: int, schedule: Schedule | None = None) -> None:
+        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool):
+            raise ValueError(f"DPM-Solver++ steps must be an int, got {steps!r}")
+        lo, hi = DPMPP_STEPS
+        if not lo <= int(steps) <= hi:
+            raise ValueError(f"DPM-Solver++ steps must be in {lo}..{hi}, got {steps} "
+                             "(use --sampler ddpm or ddim for other step counts)")
+        self.schedule = schedule if schedule is not None else Schedule()
+        self.num_steps = S = int(steps)
+        ns = _DiscreteVPSchedule(self.schedule.alphas_cumprod_f32())
+        self.noise_schedule = ns
+        t_0 = 1.0 / ns.total_N
+        self.t_continuous = torch_linspace_f32(1.0, t_0, S + 1)  # t_T = 1 ... t_0 = 1/N
+        # model_wrapper's get_model_input_time: (t - 1/N) * 1000, float32
+        self.timesteps: np.ndarray = np.array(
+            [_F32(_F32(t - _F32(t_0)) * _F32(1000.0)) for t in self.t_continuous[:S]], dtype=np.float32)
+        lam = [ns.lamb(t) for t in self.t_continuous]
+        alpha = [ns.alpha(t) for t in self.t_continuous]
+        sigma = [ns.sigma(t) for t in self.t_continuous]
+        self.orders = [1 if (i == 0 or (i == S - 1 and S < _DPMPP_LOWER_ORDER_FINAL_BELOW)) else 2
+                       for i in range(S)]
+        self._coefs: list[dict[str, np.float32]] = []
+        for i in range(S):
+            h = _F32(lam[i + 1] - lam[i])
+            c = {"sigma": sigma[i], "alpha": alpha[i], "c_x": _F32(sigma[i + 1] / sigma[i])}
+            if self.orders[i] == 1:
+                c["a"] = _F32(alpha[i + 1] * _f32(np.expm1, _F32(-h)))
+                c["half_a"] = _F32(0.0)
+                c["inv_r"] = _F32(0.0)
+            else:
+                h_0 = _F32(lam[i] - lam[i - 1])
+                r0 = _F32(h_0 / h)
+                a = _F32(alpha[i + 1] * _F32(_f32(np.exp, _F32(-h)) - _F32(1.0)))
+                c["a"], c["half_a"], c["inv_r"] = a, _F32(_F32(0.5) * a), _F32(_F32(1.0) / r0)
+            self._coefs.append(c)
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def __repr__(self) -> str:
+        return f"DPMSolverPPSampler(steps={self.num_steps}, orders={self.orders})"
+
+    def needs_noise(self) -> bool:
+        return False
+
+    def new_state(self) -> MultistepState:
+        return MultistepState()
+
+    def coefficients(self, i: int) -> dict[str, np.float32]:
+        """float32 scalars of step i: ``sigma``, ``alpha`` (data prediction at t_i), ``c_x``,
+        ``a``, ``half_a``, ``inv_r`` (the update to t_{i+1})."""
+        return dict(self._coefs[_check_index(i, self.num_steps)])
+
+    def predict_x0(self, i: int, x: np.ndarray, eps: np.ndarray) -> np.ndarray:
+        """``data_prediction_fn``: ``(x - sigma_t * eps) / alpha_t`` (a true division)."""
+        c = self._coefs[_check_index(i, self.num_steps)]
+        return (_as_f32(x) - c["sigma"] * _as_f32(eps)) / c["alpha"]
+
+    def step(self, i: int, x: np.ndarray, eps: np.ndarray, noise: np.ndarray | None = None,
+             state: MultistepState | None = None) -> np.ndarray:
+        if state is None:
+            raise ValueError("DPM-Solver++ is a multistep solver: pass the state from sampler.new_state()")
+        i = _check_index(i, self.num_steps)
+        if i != state.next_step:
+            raise RuntimeError(f"DPM-Solver++ steps must run in order: expected step {state.next_step}, got {i}")
+        x = _as_f32(x)
+        eps = _as_f32(eps)
+        if eps.shape != x.shape:
+            raise ValueError(f"eps shape {eps.shape} != x shape {x.shape}")
+        c = self._coefs[i]
+        m = self.predict_x0(i, x, eps)
+        if self.orders[i] == 1:  # dpm_solver_first_update
+            x_next = c["c_x"] * x - c["a"] * m
+        else:  # multistep_dpm_solver_second_update, solver_type 'dpm_solver'
+            assert state.prev_x0 is not None
+            d1 = c["inv_r"] * (m - state.prev_x0)
+            x_next = c["c_x"] * x - c["a"] * m - c["half_a"] * d1
+        state.prev_x0, state.next_step = m, i + 1
+        return x_next.astype(np.float32, copy=False)
+
+
 def make_sampler(name: str, steps: int, schedule: Schedule | None = None) -> Sampler:
-    """Build the official sampler ``name`` ("ddpm" or "ddim") for ``steps`` steps."""
+    """Build the official sampler ``name`` ("ddpm", "ddim" or "dpmpp") for ``steps`` steps."""
     key = name.lower() if isinstance(name, str) else name
     if key == "ddpm":
         return SpacedDDPMSampler(steps, schedule)
     if key == "ddim":
         return DDIMSampler(steps, schedule)
+    if key == "dpmpp":
+        return DPMSolverPPSampler(steps, schedule)
     raise ValueError(f"unknown sampler {name!r}; valid choices: {', '.join(SAMPLER_NAMES)}")
 
 
@@ -595,8 +816,8 @@ class ReplayNoise:
 # --------------------------------------------------------------------------- loop
 
 
-ModelFn = Callable[[np.ndarray, int], np.ndarray]
-StepCallback = Callable[[int, int, np.ndarray, np.ndarray], None]
+ModelFn = Callable[[np.ndarray, "int | float"], np.ndarray]
+StepCallback = Callable[[int, "int | float", np.ndarray, np.ndarray], None]
 
 
 def run(
@@ -608,25 +829,27 @@ def run(
 ) -> np.ndarray:
     """Run the whole sampling loop and return the final latent (float32).
 
-    ``model_fn(x, t)`` returns eps for latent x at ORIGINAL timestep t.
+    ``model_fn(x, t)`` returns eps for latent x at model time t (an int for DDPM/DDIM,
+    the original timestep; a float for DPM-Solver++).
     ``noise_source`` is required when ``sampler.needs_noise()``; its
     ``step_noise(i, shape)`` is called once per step after the model call, the
     official draw order. ``callback(i, t, x_next, eps)`` is called after each step.
     """
     x = np.asarray(x_T, dtype=np.float32)
+    state = sampler.new_state()
     needs = sampler.needs_noise()
     if needs:
         if noise_source is None:
             raise ValueError(f"sampler {sampler.name!r} needs a noise source")
         noise_source.check(sampler, tuple(x.shape))
     for i, t in enumerate(sampler.timesteps.tolist()):
-        eps = np.asarray(model_fn(x, int(t)))
+        eps = np.asarray(model_fn(x, t))
         if eps.shape != x.shape:
             raise ValueError(f"model_fn returned shape {eps.shape} at t={t}, expected {x.shape}")
         noise = noise_source.step_noise(i, tuple(x.shape)) if needs and noise_source else None
-        x = sampler.step(i, x, eps, noise)
+        x = sampler.step(i, x, eps, noise, state)
         if callback is not None:
-            callback(i, int(t), x, eps)
+            callback(i, t, x, eps)
     return x
 
 

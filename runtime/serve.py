@@ -46,7 +46,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .config import BACKENDS, CODER_FORMATS, CONTAINERS, SAMPLERS, RuntimeConfig, defaults
+from .config import BACKENDS, CODER_FORMATS, CONTAINERS, SAMPLERS, RuntimeConfig, default_steps, defaults
 from .manifest import ManifestError, load_manifest
 from .pipeline import Codec, Timings
 from .sampler import GaussianNoise, make_sampler, to_uint8_image
@@ -124,11 +124,9 @@ def _prepare(codec: Codec, index: int, job: DecodeJob) -> _Prepared:
     timings = Timings()
     with timings.stage("parse"):
         stream = codec.parse(job.data)
-    sampler_name = job.sampler or stream.sampler or codec.cfg.sampler
-    steps = job.steps or stream.steps or codec.cfg.steps
-    make_sampler(sampler_name, steps, codec.schedule)  # reject bad sampler/steps before the costly part
+    # rejects a bad sampler/steps pair before the costly part
+    sampler_name, steps, seed = codec.sampling_for(stream, job.sampler, job.steps)
     c_latent = codec.decode_latent(stream, timings)
-    seed = stream.seed if stream.seed is not None else codec.cfg.seed
     return _Prepared(index, job, c_latent, sampler_name, steps, seed, job.crop_hw, stream.original_hw, timings)
 
 
@@ -147,6 +145,7 @@ def _shared_loop(codec: Codec, group: list[_Prepared]) -> list[np.ndarray | None
     for noise in noises:
         noise.check(sampler, shape)
     xs: list[np.ndarray | None] = [np.asarray(noise.initial(shape), dtype=np.float32) for noise in noises]
+    states = [sampler.new_state() for _ in group]  # multistep memory, one per item
     needs = sampler.needs_noise()
     t0 = time.perf_counter()
     for i, t in enumerate(sampler.timesteps.tolist()):
@@ -162,7 +161,7 @@ def _shared_loop(codec: Codec, group: list[_Prepared]) -> list[np.ndarray | None
             if eps.shape != xs[k].shape:
                 raise ValueError(f"control_unet returned shape {eps.shape} at t={t}, expected {xs[k].shape}")
             step_noise = noises[k].step_noise(i, shape) if needs else None
-            xs[k] = sampler.step(i, xs[k], eps, step_noise)
+            xs[k] = sampler.step(i, xs[k], eps, step_noise, states[k])
     elapsed = time.perf_counter() - t0
     for p in group:  # the loop's wall time is shared; each item reports all of it
         p.timings.stages["denoise"] = p.timings.stages.get("denoise", 0.0) + elapsed
@@ -481,7 +480,12 @@ def build_app(settings: ServeSettings) -> Any:
                 if steps is not None and steps > self.settings.max_steps:
                     raise ApiError(400, "TooManySteps", f"steps={steps} is above this service's limit of {self.settings.max_steps}")
                 body = await self._read_body(request)
-                overrides = {"container": format, "coder_format": coder, "seed": seed, "sampler": sampler, "steps": steps}
+                if sampler is not None and steps is None and sampler in SAMPLERS:
+                    n_steps = default_steps(sampler)  # DPM-Solver++ has its own default (20)
+                else:
+                    n_steps = steps
+                overrides = {"container": format, "coder_format": coder, "seed": seed, "sampler": sampler,
+                             "steps": n_steps}
                 cfg = self.codec.cfg.with_(**overrides)  # validates (ValueError -> 400) before queueing compute
                 make_sampler(cfg.sampler, cfg.steps, self.codec.schedule)  # refuse streams no decoder could sample
 
