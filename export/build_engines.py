@@ -55,7 +55,7 @@ from .specs import PixelProfile
 log = logging.getLogger(__name__)
 
 DEFAULT_NETWORKS = ("control_unet", "vae_decoder", "content_decoder", "image_encoder",
-                    SAMPLER_STEP_PREFIX + "ddpm", SAMPLER_STEP_PREFIX + "ddim")
+                    SAMPLER_STEP_PREFIX + "ddpm", SAMPLER_STEP_PREFIX + "ddim", SAMPLER_STEP_PREFIX + "dpmpp")
 MAX_STEPS = 1000  # upper bound of the step-table axis of the sampler-step engines
 FP16_MAX = 65504.0
 
@@ -235,7 +235,8 @@ def sampler_step_model(kind: str, latent_channels: int, opset: int = 17) -> onnx
 
     Inputs: x, eps (1, C, h8, w8); idx int32 (1,); coefs (n, K) in the column order of
     ``runtime.backends.tensorrt.STEP_COEF_KEYS[kind]``; t_table (n,); DDPM also noise
-    (n, 1, C, h8, w8). Outputs: x_next, idx_next = idx + 1, t_next = t_table[min(idx+1, n-1)].
+    (n, 1, C, h8, w8); DPM-Solver++ also m_prev (the previous data prediction). Outputs:
+    x_next, idx_next = idx + 1, t_next = t_table[min(idx+1, n-1)], DPM-Solver++ also m_next.
     The arithmetic is runtime.sampler's, in the same operation order.
     """
     if kind not in STEP_COEF_KEYS:
@@ -252,10 +253,13 @@ def sampler_step_model(kind: str, latent_channels: int, opset: int = 17) -> onnx
         "coefs": helper.make_tensor_value_info("coefs", F, ["n", K]),
         "t_table": helper.make_tensor_value_info("t_table", F, ["n"]),
         "noise": helper.make_tensor_value_info("noise", F, ["n", 1, C, "h8", "w8"]),
+        "m_prev": helper.make_tensor_value_info("m_prev", F, x_shape),
     }
     outputs = [helper.make_tensor_value_info("x_next", F, x_shape),
                helper.make_tensor_value_info("idx_next", TensorProto.INT32, [1]),
                helper.make_tensor_value_info("t_next", F, [1])]
+    if kind == "dpmpp":
+        outputs.append(helper.make_tensor_value_info("m_next", F, x_shape))
     inits = [numpy_helper.from_array(np.array([1, 1, 1, 1], np.int64), "scalar_shape"),
              numpy_helper.from_array(np.array([1], np.int32), "one_i32")]
     nodes = [helper.make_node("Gather", ["coefs", "idx"], ["row"], axis=0)]  # (1, K)
@@ -273,10 +277,18 @@ def sampler_step_model(kind: str, latent_channels: int, opset: int = 17) -> onnx
             mk("Mul", ["k4", "noise_i"], ["scaled"]), mk("Add", ["mean", "scaled"], ["x_next"]),
         ]
         inits.append(numpy_helper.from_array(np.array([0], np.int64), "axis0"))
-    else:
+    elif kind == "ddim":
         nodes += [
             mk("Mul", ["k0", "eps"], ["a1"]), mk("Sub", ["x", "a1"], ["num"]), mk("Div", ["num", "k1"], ["pred_x0"]),
             mk("Mul", ["k2", "pred_x0"], ["b0"]), mk("Mul", ["k3", "eps"], ["b1"]), mk("Add", ["b0", "b1"], ["x_next"]),
+        ]
+    else:  # dpmpp: k0 sigma, k1 alpha, k2 c_x, k3 a, k4 half_a, k5 inv_r
+        nodes += [
+            mk("Mul", ["k0", "eps"], ["se"]), mk("Sub", ["x", "se"], ["num"]), mk("Div", ["num", "k1"], ["m"]),
+            mk("Sub", ["m", "m_prev"], ["dm"]), mk("Mul", ["k5", "dm"], ["d1"]),
+            mk("Mul", ["k2", "x"], ["cx"]), mk("Mul", ["k3", "m"], ["am"]), mk("Sub", ["cx", "am"], ["base"]),
+            mk("Mul", ["k4", "d1"], ["hd"]), mk("Sub", ["base", "hd"], ["x_next"]),
+            mk("Identity", ["m"], ["m_next"]),
         ]
     nodes += [
         mk("Add", ["idx", "one_i32"], ["idx_next"]),
@@ -383,6 +395,7 @@ class EngineBuilder:
         self.builder = self.trt.Builder(self.logger)
         self.timing_cache_path = timing_cache
         self._cache = None
+        self.last_build_flags: frozenset[str] = frozenset()  # BuilderFlags the last build set (recorded in the manifest)
         if timing_cache is not None and self.rtx:
             log.info("timing caches are no-ops in TensorRT-RTX; %s is not used", timing_cache)
 
@@ -420,6 +433,12 @@ class EngineBuilder:
             config.clear_flag(trt.BuilderFlag.TF32)  # parsing-path networks: no reduced-precision matmuls
         if workspace_bytes:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+        flags: set[str] = set()
+        if self.rtx and hasattr(trt.BuilderFlag, "REQUIRE_USER_ALLOCATION"):
+            # TensorRT-RTX: an engine that may allocate on its own at run time cannot be
+            # captured into a CUDA graph; this flag makes it use application memory only.
+            config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
+            flags.add("REQUIRE_USER_ALLOCATION")
         if self.rtx:
             config.num_compute_capabilities = 1
             name = "SM" + self.cc.replace(".", "")
@@ -430,6 +449,16 @@ class EngineBuilder:
         elif self.timing_cache_path is not None:
             config.set_timing_cache(self._timing_cache(config), False)
         plan = self.builder.build_serialized_network(network, config)
+        if plan is None and "REQUIRE_USER_ALLOCATION" in flags:
+            # Seen here: with the flag, TensorRT-RTX plans the memory of the largest profile
+            # up front and can fail (a 2048x2048 UNet profile asked for 64 GiB). Such an
+            # engine still runs; the runtime then denoises without CUDA graphs.
+            log.warning("%s: build with REQUIRE_USER_ALLOCATION failed; rebuilding without it (the engine will "
+                        "not be CUDA-graph capturable; a smaller --max profile avoids this)", onnx_path.name)
+            config.clear_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
+            flags.discard("REQUIRE_USER_ALLOCATION")
+            plan = self.builder.build_serialized_network(network, config)
+        self.last_build_flags = frozenset(flags)
         if plan is None:
             raise RuntimeError(f"TensorRT failed to build {onnx_path.name} (see the TensorRT log above)")
         return bytes(memoryview(plan))
@@ -526,6 +555,7 @@ def build_all(artifact_dir: Path, networks: Sequence[str] | None = None, fp16: b
                              profile=used_axes, static_shape=static)
             record_engine(artifact_dir, key, ee, {
                 "fingerprint": manifest.fingerprint, "source_sha256": src_sha, "builder": eb.flavour,
+                "build_flags": sorted(eb.last_build_flags),
                 "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             })
             built[key] = ee

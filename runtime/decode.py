@@ -54,38 +54,41 @@ def main(argv: list[str] | None = None) -> int:
         if not items:
             raise ValueError("no input streams found")
         codec = Codec(args.engine, cfg)
-    except (ValueError, FileNotFoundError, ManifestError, OSError) as exc:
+    except (ValueError, FileNotFoundError, ManifestError, OSError, ImportError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.output)
-    failed = 0
-    for path, rel in tqdm(items, desc="decode", unit="img", disable=len(items) < 2, file=sys.stderr):
-        try:
-            if path.stat().st_size > MAX_STREAM_BYTES:
-                raise BitstreamError(f"file is {path.stat().st_size} bytes, larger than any DiffEIC stream")
-            data = path.read_bytes()
-            bar = tqdm(desc=f"sample {path.name}", unit="step", leave=False, file=sys.stderr)
-
-            def on_step(i: int, n: int) -> None:
-                bar.total = n
-                bar.update(1)
-
+    try:  # release the backend (device memory, graphs, streams) however the loop ends
+        out = Path(args.output)
+        failed = 0
+        for path, rel in tqdm(items, desc="decode", unit="img", disable=len(items) < 2, file=sys.stderr):
             try:
-                result = codec.decode(data, sampler=args.sampler, steps=args.steps, noise=noise,
-                                      crop_hw=crop, on_step=on_step)
-            finally:
-                bar.close()
-            buf = io.BytesIO()
-            Image.fromarray(result.image).save(buf, format="PNG")
-            dest = output_path(out, rel, ".png", len(items) == 1)
-            write_atomic(dest, buf.getvalue())
-        except (ValueError, BitstreamError, OSError) as exc:
-            failed += 1
-            print(f"error: {path}: {exc}", file=sys.stderr)
-            continue
-        h, w = result.image.shape[:2]
-        bpp = len(data) * 8.0 / (h * w)
-        print(summary(str(path), result.timings, f"{bpp:.4f} bpp, {w}x{h} -> {dest}; "))
+                if path.stat().st_size > MAX_STREAM_BYTES:
+                    raise BitstreamError(f"file is {path.stat().st_size} bytes, larger than any DiffEIC stream")
+                data = path.read_bytes()
+                bar = tqdm(desc=f"sample {path.name}", unit="step", leave=False, file=sys.stderr)
+
+                def on_step(i: int, n: int) -> None:
+                    bar.total = n
+                    bar.update(1)
+
+                try:
+                    result = codec.decode(data, sampler=args.sampler, steps=args.steps, noise=noise,
+                                          crop_hw=crop, on_step=on_step)
+                finally:
+                    bar.close()
+                buf = io.BytesIO()
+                Image.fromarray(result.image).save(buf, format="PNG")
+                dest = output_path(out, rel, ".png", len(items) == 1)
+                write_atomic(dest, buf.getvalue())
+            except (ValueError, BitstreamError, OSError, RuntimeError) as exc:
+                failed += 1
+                print(f"error: {path}: {exc}", file=sys.stderr)
+                continue
+            h, w = result.image.shape[:2]
+            bpp = len(data) * 8.0 / (h * w)
+            print(summary(str(path), result.timings, f"{bpp:.4f} bpp, {w}x{h} -> {dest}; "))
+    finally:
+        codec.close()
     return 1 if failed else 0
 
 

@@ -61,22 +61,25 @@ def main(argv: list[str] | None = None) -> int:
         if not items:
             raise ValueError("no input images found")
         codec = Codec(args.engines, cfg)
-    except (ValueError, FileNotFoundError, ManifestError) as exc:
+    except (ValueError, FileNotFoundError, ManifestError, ImportError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.output)
-    suffix = ".bin" if cfg.container == "reference" else ".deic"
-    failed = 0
-    for path, rel in tqdm(items, desc="encode", unit="img", disable=len(items) < 2, file=sys.stderr):
-        try:
-            result = codec.encode(load_image(path))
-            dest = output_path(out, rel, suffix, len(items) == 1)
-            write_atomic(dest, result.data)
-        except (ValueError, BitstreamError, OSError) as exc:
-            failed += 1
-            print(f"error: {path}: {exc}", file=sys.stderr)
-            continue
-        print(summary(str(path), result.timings, f"{len(result.data)} bytes, {result.bpp:.4f} bpp -> {dest}; "))
+    try:  # release the backend (device memory, graphs, streams) however the loop ends
+        out = Path(args.output)
+        suffix = ".bin" if cfg.container == "reference" else ".deic"
+        failed = 0
+        for path, rel in tqdm(items, desc="encode", unit="img", disable=len(items) < 2, file=sys.stderr):
+            try:
+                result = codec.encode(load_image(path))
+                dest = output_path(out, rel, suffix, len(items) == 1)
+                write_atomic(dest, result.data)
+            except (ValueError, BitstreamError, OSError, RuntimeError) as exc:
+                failed += 1
+                print(f"error: {path}: {exc}", file=sys.stderr)
+                continue
+            print(summary(str(path), result.timings, f"{len(result.data)} bytes, {result.bpp:.4f} bpp -> {dest}; "))
+    finally:
+        codec.close()
     return 1 if failed else 0
 
 

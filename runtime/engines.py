@@ -19,6 +19,10 @@ STEP_COEF_KEYS: dict[str, tuple[str, ...]] = {
     "ddpm": ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
              "posterior_mean_coef1", "posterior_mean_coef2", "noise_scale"),
     "ddim": ("sqrt_one_minus_a_t", "sqrt_a_t", "sqrt_a_prev", "dir_coef"),
+    # DPM-Solver++ (2M): data prediction m = (x - sigma * eps) / alpha, then
+    # x_next = (c_x * x - a * m) - half_a * (inv_r * (m - m_prev)); order-1 steps have
+    # half_a = inv_r = 0. The step engine also outputs m as the next step's m_prev.
+    "dpmpp": ("sigma", "alpha", "c_x", "a", "half_a", "inv_r"),
 }
 
 
@@ -83,5 +87,6 @@ def gpu_device() -> tuple[str, str]:
 
 def engine_io_names(kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Input and output names of the sampler-step engine of ``kind`` (shared with the builder)."""
-    ins: tuple[str, ...] = ("x", "eps", "idx", "coefs", "t_table") + (("noise",) if kind == "ddpm" else ())
-    return ins, ("x_next", "idx_next", "t_next")
+    ins: tuple[str, ...] = ("x", "eps", "idx", "coefs", "t_table") + (("noise",) if kind == "ddpm" else ()) \
+        + (("m_prev",) if kind == "dpmpp" else ())
+    return ins, ("x_next", "idx_next", "t_next") + (("m_next",) if kind == "dpmpp" else ())

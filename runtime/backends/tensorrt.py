@@ -434,6 +434,28 @@ def _engine_io(trt: Any, engine: Any) -> tuple[tuple[TensorIO, ...], dict]:
     return tuple(io), profile
 
 
+class NotCapturableError(RuntimeError):
+    """The denoising step cannot be captured into a CUDA graph; the loop runs step by step."""
+
+
+def _set_shapes(eng: _Engine, ctx: Any, shapes: Mapping[str, Sequence[int]]) -> None:
+    for name, shape in shapes.items():
+        if not ctx.set_input_shape(name, tuple(int(d) for d in shape)):
+            raise RuntimeError(f"{eng.entry.network}: TensorRT refused input shape {tuple(shape)} for {name!r} "
+                               f"(profile {eng.profile.get(name)}; see the TensorRT log)")
+
+
+def _set_addresses(eng: _Engine, ctx: Any, addrs: Mapping[str, int]) -> None:
+    for name, ptr in addrs.items():
+        if not ctx.set_tensor_address(name, int(ptr)):
+            raise RuntimeError(f"{eng.entry.network}: TensorRT refused the address of {name!r} (see the TensorRT log)")
+
+
+def _device_memory_size(engine: Any) -> int:
+    size = getattr(engine, "device_memory_size_v2", None)  # TensorRT >= 10.1 (the old name is deprecated)
+    return int(size if size is not None else getattr(engine, "device_memory_size", 0))
+
+
 class TrtBackend:
     """Runs engines listed in the manifest; everything else through ONNX Runtime (FP32)."""
 
@@ -458,6 +480,7 @@ class TrtBackend:
         self._engines: dict[str, _Engine] = {}
         self._ort: Any = None
         self._graphs = GraphCache(self._destroy_graph, max_graphs)
+        self._uncapturable: dict[Hashable, str] = {}  # loop keys whose capture failed, and why
         log.info("TensorRT %s on %s (cc %s), %d engines", self.trt_version, self.gpu_name, self.cc,
                  len(manifest.engines))
         if not manifest.engines:
@@ -513,13 +536,14 @@ class TrtBackend:
         for t in eng.inputs:
             if t.name not in input_shapes:
                 raise ValueError(f"{eng.entry.network}: missing input {t.name!r}")
-            context.set_input_shape(t.name, tuple(int(d) for d in input_shapes[t.name]))
-        shapes = {t.name: tuple(input_shapes[t.name]) for t in eng.inputs}
+        shapes = {t.name: tuple(int(d) for d in input_shapes[t.name]) for t in eng.inputs}
+        # The profile check first: it names the remedy; TensorRT would only log and return False.
+        plan_buffers([t for t in eng.io if t.is_input], shapes, eng.profile)
+        _set_shapes(eng, context, shapes)
         shapes.update({t.name: tuple(context.get_tensor_shape(t.name)) for t in eng.outputs})
         plan = plan_buffers(eng.io, shapes, eng.profile)
         addrs = arena.addresses(plan)
-        for name, ptr in addrs.items():
-            context.set_tensor_address(name, ptr)
+        _set_addresses(eng, context, addrs)
         return plan, addrs
 
     def run(self, network: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -548,39 +572,55 @@ class TrtBackend:
 
     # ---------------------------------------------------------------- denoising loop
     def denoise(self, sampler: Any, x_T: np.ndarray, c_latent: np.ndarray, noise_source: Any,
-                callback: Callable[[int, int, Any, Any], None] | None = None) -> np.ndarray:
+                callback: Callable[[int, Any, Any, Any], None] | None = None) -> np.ndarray:
         """The whole sampling loop on the GPU; returns the final latent (float32, host).
 
         Falls back to the host loop (``runtime.sampler.run``) when there is no
-        ``control_unet`` engine or no ``sampler_step_<kind>`` engine. With CUDA graphs the
-        host never sees intermediate latents, so ``callback(i, t, None, None)`` is called
-        as each step is enqueued (progress only), not when it completes.
+        ``control_unet`` engine, no ``sampler_step_<kind>`` engine, or the engines cannot be
+        captured into a CUDA graph (``is_stream_capturable``). With CUDA graphs the host
+        never sees intermediate latents, so ``callback(i, t, None, None)`` is called as each
+        step is enqueued (progress only), not when it completes.
         """
         from ..sampler import run as host_run
 
-        kind = sampler_kind(sampler)
+        kind = str(getattr(sampler, "name", "")).lower()
         step_net = SAMPLER_STEP_PREFIX + kind
-        if not (self.has_engine(DENOISE_NETWORK) and self.has_engine(step_net)):
-            log.info("no %s engine: denoising loop runs on the host", step_net if self.has_engine(DENOISE_NETWORK)
-                     else DENOISE_NETWORK)
+        x_T = np.ascontiguousarray(x_T, np.float32)
+        shape = tuple(x_T.shape)
+        n = len(sampler.timesteps)
+        key = GraphCache.key("denoise", {"x": shape, "c_latent": c_latent.shape}, kind, n)
+        reason = None
+        if kind not in STEP_COEF_KEYS:
+            reason = f"no sampler-step engine layout for sampler {kind!r}"
+        elif not (self.has_engine(DENOISE_NETWORK) and self.has_engine(step_net)):
+            reason = f"no {step_net if self.has_engine(DENOISE_NETWORK) else DENOISE_NETWORK} engine"
+        elif key in self._uncapturable:
+            reason = self._uncapturable[key]
+        rec = None
+        if reason is None:
+            try:
+                rec = self._graphs.get(key, lambda: self._capture_denoise(step_net, shape, c_latent.shape, n, kind))
+            except NotCapturableError as exc:
+                # only the text: a kept exception would hold its frames, and with them the
+                # engines and device memory, alive (log handlers keep their records' args)
+                reason = self._uncapturable[key] = str(exc)
+                log.warning("CUDA graph capture not possible (%s): the denoising loop runs step by step", reason)
+        if rec is None:
+            log.info("denoising loop runs on the host: %s", reason)
 
-            def model_fn(x: np.ndarray, t: int) -> np.ndarray:
+            def model_fn(x: np.ndarray, t: Any) -> np.ndarray:
                 return self.run(DENOISE_NETWORK, {"x_t": x, "t": np.array([t], np.float32), "c_latent": c_latent})["eps"]
 
             return host_run(sampler, x_T, model_fn, noise_source, callback)
 
-        x_T = np.ascontiguousarray(x_T, np.float32)
-        shape = tuple(x_T.shape)
         coefs, t_table = step_table(sampler)
-        n = len(t_table)
         noise = None
         if sampler.needs_noise():  # every step's noise, drawn in the official order, uploaded once
             noise_source.check(sampler, shape)
             noise = np.stack([noise_source.step_noise(i, shape) for i in range(n)]).astype(np.float32)  # (n, 1, C, h, w)
-        key = GraphCache.key("denoise", {"x": shape, "c_latent": c_latent.shape}, kind, n)
-        rec = self._graphs.get(key, lambda: self._capture_denoise(step_net, shape, c_latent.shape, n, kind))
-        bufs = rec.resources["buffers"]
-        # Per-image state: tables, noise, conditioning, x_T, index 0, t of step 0.
+        bufs, sizes = rec.resources["buffers"], rec.resources["sizes"]
+        # Per-image state: tables, noise, conditioning, x_T, index 0, t of step 0 (and the
+        # multistep memory, zero: finite, and multiplied by 0 in the first step).
         self.cuda.h2d(bufs["coefs"], coefs, self.stream)
         self.cuda.h2d(bufs["t_table"], t_table, self.stream)
         if noise is not None:
@@ -589,10 +629,12 @@ class TrtBackend:
         self.cuda.h2d(bufs["x_a"], x_T, self.stream)
         self.cuda.h2d(bufs["idx_a"], np.zeros(1, np.int32), self.stream)
         self.cuda.h2d(bufs["t"], t_table[:1], self.stream)
+        if "m_a" in bufs:
+            self.cuda.call(self.cuda.rt.cudaMemsetAsync(bufs["m_a"], 0, sizes["m_a"], self.stream))
         for i in range(n):
             self._graphs.replay(key, lambda g, i=i: self.cuda.call(self.cuda.rt.cudaGraphLaunch(g[i % 2], self.stream)))
             if callback is not None:
-                callback(i, int(t_table[i]), None, None)
+                callback(i, t_table[i].item(), None, None)
         out = np.empty(shape, np.float32)
         self.cuda.d2h(out, bufs["x_b"] if n % 2 else bufs["x_a"], self.stream)
         self.cuda.sync(self.stream)  # the one host synchronisation of the loop
@@ -602,16 +644,28 @@ class TrtBackend:
         check_finite(DENOISE_NETWORK, "x_0 (denoised latent)", out, precision)
         return out
 
+    def _graph_context(self, eng: _Engine, scratch: int, scratch_size: int) -> Any:
+        """An execution context for one captured graph, on the shared scratch memory when the
+        TensorRT version lets the application provide it (TensorRT >= 10.1)."""
+        strategy = getattr(self.trt, "ExecutionContextAllocationStrategy", None)
+        if strategy is not None and scratch and hasattr(eng.context, "set_device_memory"):
+            ctx = eng.engine.create_execution_context(strategy.USER_MANAGED)
+            ctx.set_device_memory(scratch, scratch_size)
+            return ctx
+        return eng.engine.create_execution_context()
+
     def _capture_denoise(self, step_net: str, shape: tuple[int, ...], c_shape: Sequence[int], n: int,
                          kind: str) -> GraphRecord:
-        """Allocate the loop's buffers and capture the A/B graph pair for one (shape, n)."""
+        """Allocate the loop's buffers and capture the A/B graph pair for one (shape, n).
+
+        Each graph gets its own pair of execution contexts: a captured graph replays the
+        addresses and shapes of its capture (and TensorRT may keep per-context state for
+        them), so no context is re-bound after it was captured. The four contexts run one
+        after another on one stream, so they share one scratch allocation.
+        """
         rt, cuda = self.cuda.rt, self.cuda
         unet_eng = self._engine(DENOISE_NETWORK, {"x_t": shape, "c_latent": tuple(c_shape), "t": (1,)})
         step_eng = self._engine(step_net)
-        # Dedicated contexts: a captured graph bakes the context's scratch memory in, so
-        # run() on the shared context (other shapes) must not disturb it.
-        unet_ctx = unet_eng.engine.create_execution_context()
-        step_ctx = step_eng.engine.create_execution_context()
         f32 = np.dtype(np.float32).itemsize
         numel = int(np.prod(shape))
         sizes = {"x_a": numel * f32, "x_b": numel * f32, "eps": numel * f32, "t": f32,
@@ -619,59 +673,82 @@ class TrtBackend:
                  "coefs": n * len(STEP_COEF_KEYS[kind]) * f32, "t_table": n * f32}
         if kind == "ddpm":
             sizes["noise"] = n * numel * f32
-        bufs = {k: cuda.malloc(_align(v, ALIGNMENT)) for k, v in sizes.items()}
-        # Valid tables and index before the warm-up runs: the step engine gathers by index.
-        cuda.call(rt.cudaMemsetAsync(bufs["coefs"], 0, sizes["coefs"], self.stream))
-        cuda.call(rt.cudaMemsetAsync(bufs["t_table"], 0, sizes["t_table"], self.stream))
-        for k in ("idx_a", "idx_b", "x_a", "x_b", "t", "c_latent") + (("noise",) if "noise" in bufs else ()):
-            cuda.call(rt.cudaMemsetAsync(bufs[k], 0, sizes[k], self.stream))
-        step_shapes = {"x": shape, "eps": shape, "idx": (1,), "coefs": (n, len(STEP_COEF_KEYS[kind])), "t_table": (n,)}
-        if kind == "ddpm":
-            step_shapes["noise"] = (n, 1) + tuple(shape[1:])
-        for ctx, eng, shp in ((unet_ctx, unet_eng, {"x_t": shape, "t": (1,), "c_latent": tuple(c_shape)}),
-                              (step_ctx, step_eng, step_shapes)):
-            for t in eng.inputs:
-                ctx.set_input_shape(t.name, shp[t.name])
-        raw_graphs: list[Any] = []
+        if kind == "dpmpp":
+            sizes["m_a"] = sizes["m_b"] = numel * f32
+        scratch_size = max(_device_memory_size(unet_eng.engine), _device_memory_size(step_eng.engine))
+        bufs: dict[str, int] = {}
         execs: list[Any] = []
+        contexts: list[Any] = []
         try:
-            for x_in, x_out, i_in, i_out in (("x_a", "x_b", "idx_a", "idx_b"), ("x_b", "x_a", "idx_b", "idx_a")):
-                binds = ((unet_ctx, {"x_t": x_in, "t": "t", "c_latent": "c_latent", "eps": "eps"}),
-                         (step_ctx, {"x": x_in, "eps": "eps", "idx": i_in, "coefs": "coefs", "t_table": "t_table",
-                                     "x_next": x_out, "idx_next": i_out, "t_next": "t",
-                                     **({"noise": "noise"} if kind == "ddpm" else {})}))
-                for ctx, b in binds:
-                    for tensor, buf in b.items():
-                        ctx.set_tensor_address(tensor, bufs[buf])
+            for k, v in sizes.items():
+                bufs[k] = cuda.malloc(_align(v, ALIGNMENT))
+            if scratch_size:
+                bufs["scratch"] = cuda.malloc(_align(scratch_size, ALIGNMENT))
+            for k in sizes:  # valid tables and index before the warm-up runs: the step engine gathers by index
+                cuda.call(rt.cudaMemsetAsync(bufs[k], 0, sizes[k], self.stream))
+            step_shapes = {"x": shape, "eps": shape, "idx": (1,), "coefs": (n, len(STEP_COEF_KEYS[kind])),
+                           "t_table": (n,), "m_prev": shape}
+            if kind == "ddpm":
+                step_shapes["noise"] = (n, 1) + tuple(shape[1:])
+            unet_shapes = {"x_t": shape, "t": (1,), "c_latent": tuple(c_shape)}
+            for x_in, x_out, i_in, i_out, m_in, m_out in (("x_a", "x_b", "idx_a", "idx_b", "m_a", "m_b"),
+                                                          ("x_b", "x_a", "idx_b", "idx_a", "m_b", "m_a")):
+                unet_ctx = self._graph_context(unet_eng, bufs.get("scratch", 0), scratch_size)
+                step_ctx = self._graph_context(step_eng, bufs.get("scratch", 0), scratch_size)
+                contexts += [unet_ctx, step_ctx]
+                step_binds = {"x": x_in, "eps": "eps", "idx": i_in, "coefs": "coefs", "t_table": "t_table",
+                              "x_next": x_out, "idx_next": i_out, "t_next": "t"}
+                if kind == "ddpm":
+                    step_binds["noise"] = "noise"
+                if kind == "dpmpp":
+                    step_binds.update(m_prev=m_in, m_next=m_out)
+                binds = ((unet_eng, unet_ctx, unet_shapes, {"x_t": x_in, "t": "t", "c_latent": "c_latent", "eps": "eps"}),
+                         (step_eng, step_ctx, step_shapes, step_binds))
+                for eng, ctx, shp, b in binds:
+                    _set_shapes(eng, ctx, {t.name: shp[t.name] for t in eng.inputs})
+                    _set_addresses(eng, ctx, {tensor: bufs[buf] for tensor, buf in b.items()})
                 # Warm-up outside capture: TensorRT does shape-dependent setup on the first enqueue.
-                for ctx, _ in binds:
+                for eng, ctx, _, _ in binds:
                     if not ctx.execute_async_v3(int(self.stream)):
-                        raise RuntimeError("TensorRT enqueue failed during the denoising warm-up")
+                        raise RuntimeError(f"{eng.entry.network}: TensorRT enqueue failed during the denoising warm-up")
                 cuda.sync(self.stream)
+                for eng, ctx, _, _ in binds:
+                    capturable = getattr(ctx, "is_stream_capturable", None)
+                    if capturable is not None and not capturable(int(self.stream)):
+                        raise NotCapturableError(f"engine {eng.entry.file} is not stream capturable (TensorRT-RTX "
+                                                 "engines need BuilderFlag.REQUIRE_USER_ALLOCATION)")
                 cuda.call(rt.cudaStreamBeginCapture(
                     self.stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+                ok = True
                 try:
-                    for ctx, _ in binds:
-                        ctx.execute_async_v3(int(self.stream))
+                    for _, ctx, _, _ in binds:
+                        ok = bool(ctx.execute_async_v3(int(self.stream))) and ok
                 finally:
-                    raw_graphs.append(cuda.call(rt.cudaStreamEndCapture(self.stream)))
-                execs.append(cuda.call(rt.cudaGraphInstantiate(raw_graphs[-1], 0)))
-        except Exception:
-            self._destroy_graph(GraphRecord(tuple(execs), {"buffers": bufs, "graphs": raw_graphs}))
+                    err, graph = rt.cudaStreamEndCapture(self.stream)
+                if int(err) != 0 or graph is None or not ok:
+                    if graph is not None:
+                        cuda.call(rt.cudaGraphDestroy(graph))
+                    raise NotCapturableError(f"stream capture of the denoising step failed (CUDA error {int(err)}, "
+                                             f"TensorRT enqueue {'ok' if ok else 'failed'})")
+                try:
+                    execs.append(cuda.call(rt.cudaGraphInstantiate(graph, 0)))
+                finally:
+                    cuda.call(rt.cudaGraphDestroy(graph))  # the exec is independent of the graph (as trtexec does)
+        except BaseException:
+            self._destroy_graph(GraphRecord(tuple(execs), {"buffers": bufs, "contexts": contexts}))
             raise
         log.info("captured denoising graphs for latent %s, %d steps (%s)", shape, n, kind)
-        return GraphRecord(tuple(execs), {"buffers": bufs, "graphs": raw_graphs, "contexts": (unet_ctx, step_ctx)})
+        return GraphRecord(tuple(execs), {"buffers": bufs, "sizes": sizes, "contexts": contexts})
 
     def _destroy_graph(self, rec: GraphRecord) -> None:
         rt = self.cuda.rt
         res = rec.resources or {}
         for e in rec.graph or ():
             self.cuda.call(rt.cudaGraphExecDestroy(e))
-        for g in res.get("graphs", ()):
-            self.cuda.call(rt.cudaGraphDestroy(g))
+        res.pop("contexts", None)  # contexts before the scratch memory they use
         for ptr in res.get("buffers", {}).values():
             self.cuda.free(ptr)
-        res.clear()  # drops the dedicated execution contexts too
+        res.clear()
 
     def close(self) -> None:
         """Free graphs, contexts, engines and device memory; idempotent."""
@@ -699,6 +776,7 @@ def _raw_engine_records(directory: Path) -> dict[str, dict[str, Any]]:
 
 __all__ = [
     "ALIGNMENT", "Arena", "BufferPlan", "EngineCompatError", "GraphCache", "GraphRecord", "NonFiniteOutputError",
+    "NotCapturableError",
     "STEP_COEF_KEYS", "SAMPLER_STEP_PREFIX", "TensorIO", "TrtBackend", "check_engine_compat", "check_finite",
     "engine_io_names", "import_tensorrt", "normalize_cc", "plan_buffers", "profile_admits", "sampler_kind", "step_table",
     "trt_version_string",
