@@ -39,6 +39,7 @@ from runtime.sampler import Schedule
 
 from .checkpoints import CheckpointError, extract, load_state_dict_file, require_parts
 from .config import PRESETS, ConfigError, DiffEICConfig, load_config
+from .memory import memory_model
 from .models.lfgcm import LFGCM, load_lfgcm
 from .models.sd import load_control, load_unet, load_vae
 from .models.text import CONTEXT_LENGTH, empty_prompt_context
@@ -328,11 +329,12 @@ def write_artifacts(models: Models, directory: Path, profile: PixelProfile, opse
             inputs=spec.inputs, outputs=spec.outputs, profile=_network_profile(spec, profile),
             external_data=tuple(p.name for p in res.external_data),
             external_sha256=tuple(sha256_file(p) for p in res.external_data),
+            memory=memory_model(res.path),
         )
         ort_graph = write_ort_graph(res.path) if ort_graphs else None
         if ort_graph is not None:
             entries[name + ORT_SUFFIX] = replace(entries[name], name=name + ORT_SUFFIX, file=ort_graph.name,
-                                                 sha256=sha256_file(ort_graph))
+                                                 sha256=sha256_file(ort_graph), memory=memory_model(ort_graph))
     bar.close()
     manifest = Manifest(
         format_version=FORMAT_VERSION, fingerprint=models.fingerprint, model=info,

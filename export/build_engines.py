@@ -1,7 +1,7 @@
 """Build TensorRT engines from an exported artifact directory and record them in its manifest.
 
     python -m export.build_engines ARTIFACT_DIR [--fp16] [--min H W] [--opt H W] [--max H W]
-        [--static H W] [--timing-cache FILE] [--networks ...] [--builder auto|tensorrt|tensorrt_rtx]
+        [--static H W] [--tile PX] [--timing-cache FILE] [--networks ...] [--builder auto|tensorrt|tensorrt_rtx]
         [--compute-capability 89]
 
 This module owns the engine build: choosing the precision per network, the FP16 ONNX
@@ -54,9 +54,10 @@ from .specs import PixelProfile
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NETWORKS = ("control_unet", "vae_decoder", "content_decoder", "image_encoder",
+DEFAULT_NETWORKS = ("control_unet", "vae_decoder", "content_decoder", "image_encoder", "vae_encoder", "lfgcm_analysis",
                     SAMPLER_STEP_PREFIX + "ddpm", SAMPLER_STEP_PREFIX + "ddim", SAMPLER_STEP_PREFIX + "dpmpp")
 MAX_STEPS = 1000  # upper bound of the step-table axis of the sampler-step engines
+TILED_NETWORKS = ("vae_decoder", "vae_encoder")  # what runtime.tiling runs tile by tile
 FP16_MAX = 65504.0
 
 # Ops kept in FP32 inside an FP16 graph: the sinusoidal timestep embedding (angles up to
@@ -73,7 +74,8 @@ def fp16_allowed(network: str, manifest_record: Mapping[str, Any] | None = None)
         return bool(manifest_record["fp16_safe"])
     if network.startswith(SAMPLER_STEP_PREFIX):
         return False  # the latent accumulates over every step: keep the update exact FP32
-    return not (network in ("hyper_decoder", "image_encoder") or network.startswith("ctx_"))
+    return not (network in ("hyper_decoder", "image_encoder", "vae_encoder", "lfgcm_analysis")
+                or network.startswith("ctx_"))
 
 
 def is_parsing_network(network: str) -> bool:
@@ -500,8 +502,13 @@ def build_all(artifact_dir: Path, networks: Sequence[str] | None = None, fp16: b
               min_hw: Sequence[int] | None = None, opt_hw: Sequence[int] | None = None,
               max_hw: Sequence[int] | None = None, static_hw: Sequence[Sequence[int]] = (),
               timing_cache: Path | None = None, builder: str = "auto",
-              compute_capability: str | None = None) -> dict[str, EngineEntry]:
-    """Build the requested engines into ``artifact_dir/engines`` and record them; returns them by key."""
+              compute_capability: str | None = None, tile: int | None = None) -> dict[str, EngineEntry]:
+    """Build the requested engines into ``artifact_dir/engines`` and record them; returns them by key.
+
+    ``tile`` (pixels) adds static ``tile`` x ``tile`` engines of the VAE networks, the shape
+    the runtime's tiled VAE (runtime.tiling) runs them at."""
+    if tile is not None and (tile < 128 or tile % 64):
+        raise ValueError(f"--tile must be a multiple of 64 pixels and at least 128, got {tile}")
     manifest, artifact_dir = load_manifest(artifact_dir)
     raw_networks = json.loads((artifact_dir / MANIFEST_NAME).read_text()).get("networks", {})
     explicit = networks is not None
@@ -527,7 +534,10 @@ def build_all(artifact_dir: Path, networks: Sequence[str] | None = None, fp16: b
         if axes_override:
             axes.update(axes_override)
         targets.append((n, axes, False, n))
-        for hw in static_hw:
+        statics = [tuple(hw) for hw in static_hw]
+        if tile and n in TILED_NETWORKS and (tile, tile) not in statics:
+            statics.append((tile, tile))
+        for hw in statics:
             s = PixelProfile(tuple(hw), tuple(hw), tuple(hw)).axes()
             targets.append((n, {**axes, **s}, True, f"{n}@{hw[0]}x{hw[1]}"))
     with tempfile.TemporaryDirectory(dir=engines_dir, prefix=".build-") as tmp:
@@ -614,6 +624,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max", nargs=2, metavar=("H", "W"), help="largest padded image size, pixels")
     p.add_argument("--static", nargs=2, metavar=("H", "W"), action="append", default=[],
                    help="also build a static-shape engine for this size (repeatable)")
+    p.add_argument("--tile", type=int, metavar="PX",
+                   help="also build static PX x PX engines of the VAE networks for tiled decoding/encoding")
     p.add_argument("--timing-cache", type=Path, help="timing cache file to load and update")
     p.add_argument("--networks", nargs="+", help=f"networks to build (default: {' '.join(DEFAULT_NETWORKS)})")
     p.add_argument("--builder", choices=("auto", "tensorrt", "tensorrt_rtx"), default="auto")
@@ -624,7 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         built = build_all(a.artifacts, a.networks, a.fp16, a.min and _hw(a.min), a.opt and _hw(a.opt),
                           a.max and _hw(a.max), [_hw(s) for s in a.static], a.timing_cache, a.builder,
-                          a.compute_capability)
+                          a.compute_capability, a.tile)
     except (ValueError, RuntimeError, ImportError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

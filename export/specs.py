@@ -91,6 +91,16 @@ def network_specs(cfg: DiffEICConfig, residual_channels: list[tuple[int, int]] |
         fp16_safe=False,
         notes="SD VAE encoder (mode, scaled) -> LFGCM analysis. Its y feeds the rANS coder directly.",
     )
+    # The image encoder in two parts, for tiled encoding of large images (runtime.tiling):
+    # the SD VAE encoder runs tile by tile, the LFGCM analysis once on the whole image.
+    specs["vae_encoder"] = NetworkSpec(
+        "vae_encoder", (_t("image", 3, 1),), (_t("z_g", latent_c, 8),), fp16_safe=False,
+        notes="z_g = SD VAE encoder mode * scale_factor of image * 2 - 1 (the first half of image_encoder)",
+    )
+    specs["lfgcm_analysis"] = NetworkSpec(
+        "lfgcm_analysis", (_t("image", 3, 1), _t("z_g", latent_c, 8)), (_t("y", M, 16), _t("z", N, 64)),
+        fp16_safe=False, notes="LFGCM analysis and hyper analysis given z_g (the second half of image_encoder)",
+    )
     specs["hyper_decoder"] = NetworkSpec(
         "hyper_decoder", (_t("z_hat", N, 64),), (_t("hyper_params", 2 * M, 16), _t("f_c", N // 4, 16)),
         fp16_safe=False, notes="on the parsing path: must compute the same floats on encoder and decoder",

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ExportError", "ExportedGraph", "EXTERNAL_DATA_THRESHOLD",
-    "ImageEncoderGraph", "HyperDecoderGraph", "ContentDecoderGraph", "ControlUNetGraph",
+    "ImageEncoderGraph", "VAEEncoderGraph", "AnalysisGraph", "HyperDecoderGraph", "ContentDecoderGraph", "ControlUNetGraph",
     "ControlGraph", "UNetGraph", "VAEDecoderGraph",
     "graph_modules", "residual_channels", "example_inputs", "example_grid", "export_network",
     "module_nbytes",
@@ -67,6 +67,28 @@ class ImageEncoderGraph(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z_g = self.vae_encoder.encode_mode_scaled(image * 2 - 1)
+        return self.lfgcm.analysis(image, z_g)
+
+
+class VAEEncoderGraph(nn.Module):
+    """image in [0,1] -> z_g = VAE mode * scale_factor (the LFGCM's guidance latent)."""
+
+    def __init__(self, vae: AutoencoderKL) -> None:
+        super().__init__()
+        self.vae_encoder = vae
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.vae_encoder.encode_mode_scaled(image * 2 - 1)
+
+
+class AnalysisGraph(nn.Module):
+    """(image in [0,1], z_g) -> (y, z): the LFGCM half of ``image_encoder``."""
+
+    def __init__(self, lfgcm: LFGCM) -> None:
+        super().__init__()
+        self.lfgcm = lfgcm
+
+    def forward(self, image: torch.Tensor, z_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lfgcm.analysis(image, z_g)
 
 
@@ -166,6 +188,10 @@ def graph_modules(
     for name in specs:
         if name == "image_encoder":
             out[name] = ImageEncoderGraph(vae, lfgcm)
+        elif name == "vae_encoder":
+            out[name] = VAEEncoderGraph(vae)
+        elif name == "lfgcm_analysis":
+            out[name] = AnalysisGraph(lfgcm)
         elif name == "hyper_decoder":
             out[name] = HyperDecoderGraph(lfgcm)
         elif name.startswith("ctx_anchor_"):

@@ -70,7 +70,20 @@ def setup_logging(verbose: bool) -> None:
 
 
 def add_common_options(p: argparse.ArgumentParser, d: RuntimeConfig) -> None:
-    """Options every runtime CLI takes: backend, threads, verbosity."""
+    """Options every runtime CLI takes: backend, threads, memory budget, tiling, verbosity."""
     p.add_argument("--backend", choices=BACKENDS, default=d.backend)
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads (0: all)")
+    p.add_argument("--max-memory", default="auto", metavar="SIZE",
+                   help="memory budget, e.g. 8G or 6000M (default: 90%% of physical memory); images that would "
+                        "exceed it run the VAE in tiles, or are refused with the reason")
+    p.add_argument("--tile", default="auto", metavar="PX",
+                   help="VAE tiles: auto (only above the budget), off, or a tile side in pixels (multiple of 64)")
     p.add_argument("-v", "--verbose", action="store_true")
+
+
+def common_config(args: argparse.Namespace) -> dict[str, int | str]:
+    """RuntimeConfig fields from the options of :func:`add_common_options` (ValueError if bad)."""
+    from .tiling import parse_memory, parse_tile
+
+    return {"backend": args.backend, "threads": args.threads, "max_memory_mb": parse_memory(args.max_memory),
+            "tile": parse_tile(args.tile)}

@@ -1,7 +1,7 @@
 """Runtime settings as one frozen value, with one defaults function.
 
 Everything a run can be told (backend, threads, sampler, steps, coder format,
-container, seed) lives here so the CLIs, the pipeline and the service share one
+container, seed, memory budget and VAE tiling) lives here so the CLIs, the pipeline and the service share one
 definition and one set of defaults.
 """
 
@@ -29,6 +29,8 @@ class RuntimeConfig:
     seed: int = 231  # the official default seed
     entropy_path: str = "reference"  # "portable": integer context model (docs/portable-entropy.md)
     verify_hashes: bool = True
+    max_memory_mb: int = 0  # memory budget of one encode/decode; 0: 90 % of physical memory
+    tile: int = 0  # VAE tiles: 0 automatic (above the budget), -1 never, N: N-pixel tiles (multiple of 64)
 
     def __post_init__(self) -> None:
         for name, value, choices in (
@@ -44,6 +46,12 @@ class RuntimeConfig:
             raise ValueError(f"seed must be in 0..2**64-1, got {self.seed}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.max_memory_mb < 0:
+            raise ValueError(f"max_memory_mb must be >= 0 (0: automatic), got {self.max_memory_mb}")
+        if self.tile not in (-1, 0):
+            from .tiling import check_tile
+
+            check_tile(self.tile)
 
     def with_(self, **changes: Any) -> "RuntimeConfig":
         """A copy with the given fields changed (``None`` values are ignored)."""

@@ -17,7 +17,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from .bitstream import BitstreamError
-from .cli import add_common_options, STREAM_SUFFIXES, expand_inputs, output_path, setup_logging, summary, write_atomic
+from .cli import (STREAM_SUFFIXES, add_common_options, common_config, expand_inputs, output_path, setup_logging,
+                  summary, write_atomic)
 from .config import SAMPLERS, defaults
 from .manifest import ManifestError
 from .pipeline import Codec
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        cfg = defaults().with_(backend=args.backend, threads=args.threads)
+        cfg = defaults().with_(**common_config(args))
         crop = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
         if crop is not None and (len(crop) != 2 or min(crop) < 1):
             raise ValueError(f"--size must look like 120x180, got {args.size!r}")

@@ -17,7 +17,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .bitstream import BitstreamError
-from .cli import add_common_options, IMAGE_SUFFIXES, expand_inputs, output_path, setup_logging, summary, write_atomic
+from .cli import (IMAGE_SUFFIXES, add_common_options, common_config, expand_inputs, output_path, setup_logging,
+                  summary, write_atomic)
 from .config import CODER_FORMATS, CONTAINERS, ENTROPY_PATHS, SAMPLERS, default_steps, defaults
 from .manifest import ManifestError
 from .pipeline import Codec
@@ -55,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         cfg = defaults().with_(container=args.format, coder_format=args.coder, entropy_path=args.entropy_path, seed=args.seed, sampler=args.sampler,
-                               steps=args.steps or default_steps(args.sampler), backend=args.backend,
-                               threads=args.threads)
+                               steps=args.steps or default_steps(args.sampler), **common_config(args))
         items = expand_inputs(args.inputs, IMAGE_SUFFIXES)
         if not items:
             raise ValueError("no input images found")

@@ -10,8 +10,10 @@ network, or an unknown format version is refused with a message naming it.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -36,6 +38,19 @@ class TensorSpec:
     def from_dict(d: Mapping[str, Any]) -> "TensorSpec":
         return TensorSpec(str(d["name"]), str(d["dtype"]), tuple(d["shape"]))
 
+    def concrete(self, height: int, width: int) -> tuple[int, ...]:
+        """The shape for a padded image of ``height`` x ``width`` pixels (axis ``h8`` = H/8, ``h8/2`` = H/16)."""
+        out = []
+        for d in self.shape:
+            if isinstance(d, int):
+                out.append(d)
+                continue
+            base, _, div = d.partition("/")
+            side = height if base[0] in "Hh" else width
+            factor = 1 if base in ("H", "W") else int(base[1:])
+            out.append(side // factor // (int(div) if div else 1))
+        return tuple(out)
+
 
 @dataclass(frozen=True)
 class NetworkEntry:
@@ -50,6 +65,24 @@ class NetworkEntry:
     profile: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)
     external_data: tuple[str, ...] = ()  # extra files (ONNX external weights), hashed too
     external_sha256: tuple[str, ...] = ()
+    # Static memory model (export.memory): "weights" bytes, and the activation "peak" bytes
+    # of one run at each of the probed "pixels" (padded image pixels). Empty: unknown.
+    memory: Mapping[str, Any] = field(default_factory=dict)
+
+    def activation_bytes(self, pixels: float) -> float | None:
+        """Estimated activation bytes of one run at ``pixels`` padded image pixels, or None.
+
+        Power-law interpolation between the probes (linear in log-log), the outermost
+        segment's exponent beyond them."""
+        m = self.memory
+        if not m or "peak" not in m:
+            return None
+        xs = [math.log(float(p)) for p in m["pixels"]]
+        ys = [math.log(max(float(b), 1.0)) for b in m["peak"]]
+        x = math.log(max(float(pixels), 1.0))
+        k = max(1, min(len(xs) - 1, bisect.bisect_left(xs, x)))
+        slope = (ys[k] - ys[k - 1]) / (xs[k] - xs[k - 1])
+        return math.exp(ys[k - 1] + slope * (x - xs[k - 1]))
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> "NetworkEntry":
@@ -60,6 +93,7 @@ class NetworkEntry:
             profile={k: tuple(v) for k, v in d.get("profile", {}).items()},
             external_data=tuple(d.get("external_data", ())),
             external_sha256=tuple(d.get("external_sha256", ())),
+            memory=dict(d.get("memory", {})),
         )
 
 

@@ -5,7 +5,8 @@ the exported networks, the latent-coding loop with the C++ rANS coder, the sampl
 the containers. Encoding: pad to multiples of 64 -> image encoder (SD VAE encoder +
 LFGCM analysis) -> z coded with the EntropyBottleneck tables -> hyper decoder -> y coded
 slice by slice. Decoding mirrors the entropy part, then runs the content decoder, the
-denoising loop (control + UNet) and the VAE decoder, and crops back.
+denoising loop (control + UNet) and the VAE decoder, and crops back. The VAE runs in
+tiles when the image would not fit the memory budget (runtime.tiling).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .latent_coding import code_slices
 from .manifest import Manifest, ManifestError, load_manifest, verify_file
 from .portable import PortableContextModel, PortableParams
 from .sampler import GaussianNoise, NoiseSource, Schedule, make_sampler, run, to_uint8_image
+from .tiling import VaePlan, decode_tiled, default_budget_bytes, encode_tiled, plan_vae
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ class EncodeResult:
     stream: Stream
     bpp: float  # container bits per pixel of the original image
     timings: Timings
+    vae_tile: int = 0  # VAE encoder tile side in pixels; 0: the whole image at once
 
 
 @dataclass
@@ -71,6 +74,7 @@ class DecodeResult:
     decoded: np.ndarray  # VAE output before post-processing, padded size
     stream: Stream
     timings: Timings
+    vae_tile: int = 0  # VAE decoder tile side in pixels; 0: the whole image at once
 
 
 def pad_image(image: np.ndarray, multiple: int = 64) -> np.ndarray:
@@ -154,8 +158,14 @@ class Codec:
         h, w = image.shape[:2]
         padded = pad_image(image)
         x = image_to_input(padded)
+        plan = self.vae_plan("encode", padded.shape[:2], cfg)
         with timings.stage("image_encoder"):
-            out = self.backend.run("image_encoder", {"image": x})
+            if plan.tile:
+                z_g = encode_tiled(lambda t: self.backend.run("vae_encoder", {"image": t})["z_g"], x, plan.tile,
+                                   self.latent_channels)
+                out = self.backend.run("lfgcm_analysis", {"image": x, "z_g": z_g})
+            else:
+                out = self.backend.run("image_encoder", {"image": x})
         y, z = out["y"], out["z"]
         with timings.stage("latent_coding"):
             z_string, z_hat = encode_z(z[0], self.bottleneck, cfg.coder_format)
@@ -177,7 +187,8 @@ class Codec:
             fingerprint=self.fingerprint16, container=cfg.container, entropy_path=cfg.entropy_path,
         )
         data = bitstream.pack(stream)
-        return EncodeResult(data=data, stream=stream, bpp=len(data) * 8.0 / (h * w), timings=timings)
+        return EncodeResult(data=data, stream=stream, bpp=len(data) * 8.0 / (h * w), timings=timings,
+                            vae_tile=plan.tile)
 
     def _hyper(self, z_hat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out = self.backend.run("hyper_decoder", {"z_hat": np.ascontiguousarray(z_hat[None], np.float32)})
@@ -264,11 +275,46 @@ class Codec:
         sampler_name, n_steps, seed = self.sampling_for(stream, sampler, steps)
         samples = self.sample(c_latent, sampler_name, n_steps, noise or GaussianNoise(seed), timings, on_step)
         with timings.stage("vae_decoder"):
-            decoded = self.backend.run("vae_decoder", {"latent": samples})["decoded"]
+            decoded, tile = self.vae_decode(samples)
         image = to_uint8_image(decoded)
         oh, ow = crop_hw or stream.original_hw or image.shape[:2]
         return DecodeResult(image=np.ascontiguousarray(image[:oh, :ow]), c_latent=c_latent, samples=samples,
-                            decoded=decoded, stream=stream, timings=timings)
+                            decoded=decoded, stream=stream, timings=timings, vae_tile=tile)
+
+    def vae_decode(self, samples: np.ndarray, cfg: RuntimeConfig | None = None) -> tuple[np.ndarray, int]:
+        """The VAE decoder on the final latent, tiled when the plan says so; (decoded, tile)."""
+        cfg = cfg or self.cfg
+        plan = self.vae_plan("decode", (8 * samples.shape[2], 8 * samples.shape[3]), cfg)
+        run = lambda z: self.backend.run("vae_decoder", {"latent": z})["decoded"]  # noqa: E731
+        if plan.tile:
+            return decode_tiled(run, samples, plan.tile), plan.tile
+        return run(samples), 0
+
+    def vae_plan(self, direction: str, padded_hw: tuple[int, int], cfg: RuntimeConfig | None = None) -> VaePlan:
+        """Whether the VAE of ``direction`` ("encode"/"decode") runs whole or in tiles, within
+        the memory budget (see runtime.tiling). Raises MemoryBudgetError / ManifestError."""
+        cfg = cfg or self.cfg
+        graph = getattr(self.backend, "graph_for", lambda n: n)
+        ctx = [n for n in self.manifest.networks if n.startswith("ctx_") and "." not in n]
+        budget = cfg.max_memory_mb << 20 if cfg.max_memory_mb else default_budget_bytes()
+        if direction == "decode":
+            whole = tile_net = "vae_decoder"
+            fixed = [graph("content_decoder"), graph("control_unet")]
+            loaded = [graph(n) for n in ("hyper_decoder", "content_decoder", "control_unet", "vae_decoder")]
+        else:
+            whole, tile_net = "image_encoder", "vae_encoder"
+            fixed = [graph("lfgcm_analysis")] if "lfgcm_analysis" in self.manifest.networks else []
+            loaded = [graph(n) for n in ("vae_encoder", "lfgcm_analysis", "hyper_decoder")
+                      if n in self.manifest.networks]
+        loaded += [graph(n) for n in ctx]
+        admits = getattr(self.backend, "admits", None)
+        plan = plan_vae(self.manifest, graph(whole), graph(tile_net), padded_hw, budget, cfg.tile,
+                        [n for n in fixed if n in self.manifest.networks], loaded, admits)
+        if plan.tile and direction == "encode" and not {"vae_encoder", "lfgcm_analysis"} <= set(self.manifest.networks):
+            raise ManifestError("tiled encoding needs the vae_encoder and lfgcm_analysis networks, which these "
+                                "artifacts lack; re-export them with this version (python -m export ...)")
+        log.debug("VAE %s at %s: %s", direction, padded_hw, plan)
+        return plan
 
     def close(self) -> None:
         self.backend.close()

@@ -50,6 +50,7 @@ from .config import BACKENDS, CODER_FORMATS, CONTAINERS, SAMPLERS, RuntimeConfig
 from .manifest import ManifestError, load_manifest
 from .pipeline import Codec, Timings
 from .sampler import GaussianNoise, make_sampler, to_uint8_image
+from .tiling import MemoryBudgetError, parse_memory, parse_tile
 
 try:  # the serving extra; decode_many and the settings work without it
     from fastapi import FastAPI, Query, Request
@@ -204,7 +205,7 @@ def decode_many(codec: Codec, jobs: Sequence[DecodeJob]) -> list[DecodeOutcome]:
                     outcomes[p.index].error = DecodeTimeout("decode passed its deadline and was dropped")
                     continue
                 with p.timings.stage("vae_decoder"):
-                    decoded = codec.backend.run("vae_decoder", {"latent": x})["decoded"]
+                    decoded, _ = codec.vae_decode(x)  # tiled when over the memory budget, as Codec.decode
                 image = to_uint8_image(decoded)
                 oh, ow = p.crop_hw or p.original_hw or image.shape[:2]
                 out = outcomes[p.index]
@@ -245,6 +246,8 @@ class ServeSettings:
     cpus_per_replica: float = 1.0
     threads: int = 0  # ORT threads per replica; 0: the CPUs the replica reserves (cpus_per_replica, >= 1)
     backend: str = "ort"
+    max_memory_mb: int = 0  # per replica: the memory budget of one encode/decode (0: 90 % of physical memory)
+    tile: int = 0  # VAE tiling: 0 automatic, -1 never, N pixels
     retry_after_s: int = 1
     warmup: bool = True
     # Builds the replica's codec from (artifacts, RuntimeConfig); None: runtime.pipeline.Codec.
@@ -266,6 +269,7 @@ class ServeSettings:
             raise ValueError(f"invalid serve settings: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        self.runtime_config()  # the budget and tile fields are RuntimeConfig's, checked there
 
     @property
     def ongoing(self) -> int:
@@ -276,7 +280,7 @@ class ServeSettings:
         # cores makes ORT's spinning thread pool collapse under contention (measured here:
         # 10x slower with 2 threads on a busy 2-core machine).
         threads = self.threads or max(1, int(self.cpus_per_replica))
-        return defaults().with_(backend=self.backend, threads=threads)
+        return defaults().with_(backend=self.backend, threads=threads, max_memory_mb=self.max_memory_mb, tile=self.tile)
 
 
 # ============================================================ HTTP errors
@@ -450,6 +454,9 @@ def build_app(settings: ServeSettings) -> Any:
             except ApiError as exc:
                 status = exc.status
                 raise
+            except MemoryBudgetError as exc:
+                status = 413
+                raise ApiError(413, "OverMemoryBudget", str(exc)) from None
             except ValueError:
                 status = 400
                 raise
@@ -667,6 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-replica", type=float, default=d.cpus_per_replica, help="num_cpus per replica")
     p.add_argument("--threads", type=int, default=d.threads, help="ORT threads per replica (0: --cpus-per-replica, at least 1)")
     p.add_argument("--backend", choices=BACKENDS, default=d.backend)
+    p.add_argument("--max-memory", default="auto", metavar="SIZE",
+                   help="memory budget of one encode/decode per replica, e.g. 8G (default: 90%% of physical memory)")
+    p.add_argument("--tile", default="auto", metavar="PX", help="VAE tiles: auto, off, or a tile side in pixels")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up encode/decode of each replica")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -683,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
             max_ongoing=args.max_ongoing, timeout_s=args.timeout_s, max_bytes=args.max_bytes,
             max_pixels=args.max_pixels, max_steps=args.max_steps, gpus_per_replica=args.gpus_per_replica,
             cpus_per_replica=args.cpus_per_replica, threads=args.threads, backend=args.backend,
-            warmup=not args.no_warmup,
+            max_memory_mb=parse_memory(args.max_memory), tile=parse_tile(args.tile), warmup=not args.no_warmup,
         )
         load_manifest(settings.artifacts)
     except (ValueError, FileNotFoundError, ManifestError) as exc:

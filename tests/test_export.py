@@ -90,7 +90,8 @@ def modules(models: Models) -> tuple[dict, dict]:
 def test_manifest_and_hashes(exported: Path, models: Models) -> None:
     man, d = load_manifest(exported)
     slices = len(models.cfg.lfgcm["slice_ch"])
-    want = {"image_encoder", "hyper_decoder", "content_decoder", "control_unet", "control", "unet", "vae_decoder"}
+    want = {"image_encoder", "vae_encoder", "lfgcm_analysis", "hyper_decoder", "content_decoder", "control_unet",
+            "control", "unet", "vae_decoder"}
     want |= {f"ctx_anchor_{i}" for i in range(slices)} | {f"ctx_nonanchor_{i}" for i in range(slices)}
     assert set(man.networks) == want
     for name, e in man.networks.items():
@@ -168,7 +169,10 @@ def test_pipeline_golden(graphs: Graphs, fixture_dir: Path) -> None:
     c = graphs.run("content_decoder", {"y_hat": lf["y_hat"], "f_c": lf["f_c"]})[0]
     dec = graphs.run("vae_decoder", {"latent": vae["z_g"]})[0]
     p0 = graphs.run("ctx_anchor_0", {"hyper_params": lf["hyper_params"]})[0]
-    errs = {"y": rel_err(y, lf["y"]), "z": rel_err(z, lf["z"]), "hyper_params": rel_err(hp, lf["hyper_params"]),
+    z_g = graphs.run("vae_encoder", {"image": lf["control"]})[0]  # the two halves of image_encoder
+    y2, z2 = graphs.run("lfgcm_analysis", {"image": lf["control"], "z_g": z_g})
+    errs = {"y": rel_err(y, lf["y"]), "z": rel_err(z, lf["z"]), "z_g": rel_err(z_g, vae["z_g"]),
+            "y (two halves)": rel_err(y2, lf["y"]), "z (two halves)": rel_err(z2, lf["z"]), "hyper_params": rel_err(hp, lf["hyper_params"]),
             "f_c": rel_err(f_c, lf["f_c"]), "c_latent": rel_err(c, lf["c_latent"]),
             "decoded": rel_err(dec, vae["decoded"]), "params_anchor_0": rel_err(p0, lf["params_anchor_0"])}
     assert all(e < TOL for e in errs.values()), errs

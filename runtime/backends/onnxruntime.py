@@ -87,6 +87,11 @@ class OrtBackend:
     def has(self, network: str) -> bool:
         return network in self.manifest.networks
 
+    def graph_for(self, network: str) -> str:
+        """The manifest network whose graph a run of ``network`` uses (its ``.ort`` variant if preferred)."""
+        variant = network + ORT_SUFFIX
+        return variant if self.ort_graphs and variant in self.manifest.networks else network
+
     def _options(self) -> ort.SessionOptions:
         so = ort.SessionOptions()
         so.graph_optimization_level = self._level

@@ -497,6 +497,19 @@ class TrtBackend:
     def has(self, network: str) -> bool:
         return self.has_engine(network) or network in self.manifest.networks
 
+    def graph_for(self, network: str) -> str:
+        return network
+
+    def admits(self, network: str, height: int, width: int) -> bool:
+        """Whether ``network`` can run for a padded ``height`` x ``width`` image here: some engine's
+        profile admits it, or it has no engine (it then runs on ONNX Runtime)."""
+        entries = self._entries_for(network)
+        spec = self.manifest.networks.get(network)
+        if not entries or spec is None:
+            return True
+        shapes = {t.name: t.concrete(height, width) for t in spec.inputs}
+        return any(profile_admits(e.profile, spec.inputs, shapes) for _, e in entries)
+
     def _engine(self, network: str, shapes: Mapping[str, Sequence[int]] | None = None) -> _Engine:
         """The engine for ``network``; a static engine whose profile admits ``shapes`` wins over
         the dynamic one (decided from the manifest, so unused static plans are never loaded)."""
