@@ -46,8 +46,8 @@ OVERLAP_FRACTION = 0.25  # diffusers' tile_overlap_factor
 # Measured with ONNX Runtime on CPU (benchmarks/bench_tiling.py): a run's peak RSS over the
 # graph's static activation estimate, and what the process holds besides (Python, numpy,
 # ONNX Runtime itself, the entropy coder).
-RUNTIME_OVERHEAD = 2.5
-BASE_BYTES = 600 << 20
+RUNTIME_OVERHEAD = 1.6
+BASE_BYTES = 1536 << 20
 
 RunFn = Callable[[np.ndarray], np.ndarray]
 

@@ -48,7 +48,7 @@ def engines(fixture_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -
     registry: dict = {}
     with record_builds(registry):
         build_all(d, None, fp16=False, builder="tensorrt_rtx", compute_capability="89",
-                  min_hw=(64, 64), opt_hw=(128, 192), max_hw=(256, 384))
+                  min_hw=(64, 64), opt_hw=(128, 192), max_hw=(256, 384), tile=128)
     return d, registry
 
 
@@ -148,6 +148,57 @@ def test_uncapturable_engines_fall_back_to_the_step_loop(engines: tuple[Path, di
     assert _rel(b.samples, a.samples) < LATENT_TOL
     cuda.assert_clean()
     _tally(cuda)
+
+
+@needs_rtx
+def test_tiled_vae_on_simulator_uses_the_tile_engines(engines: tuple[Path, dict], fixture_dir: Path) -> None:
+    """Tiled encode and decode through TensorRT run the static 128 px tile engines and give
+    what ONNX Runtime gives with the same tiles."""
+    d, registry = engines
+    img = np.asarray(Image.open(fixture_dir / "input.png").convert("RGB"))
+    big = np.ascontiguousarray(np.concatenate([np.concatenate([img, img[::-1]], 0)] * 2, 1))  # 256 x 384
+    ort_codec = Codec(d, defaults().with_(backend="ort", tile=128))
+    cuda, trt = _sim(registry)
+    with installed(cuda, trt):
+        codec = Codec(d, defaults().with_(backend="trt", tile=128))
+        try:
+            a_enc, b_enc = ort_codec.encode(big, sampler="ddim", steps=4), codec.encode(big, sampler="ddim", steps=4)
+            assert a_enc.vae_tile == b_enc.vae_tile == 128
+            a, b = ort_codec.decode(a_enc.data), codec.decode(a_enc.data)
+            assert a.vae_tile == b.vae_tile == 128
+            assert _rel(b.samples, a.samples) < LATENT_TOL
+            assert np.abs(a.image.astype(int) - b.image.astype(int)).max() <= 1
+            loaded = set(codec.backend._engines)  # type: ignore[attr-defined]
+            assert {"vae_decoder@128x128", "vae_encoder@128x128"} <= loaded, loaded
+            assert "vae_decoder" not in loaded  # the dynamic engine was never needed
+        finally:
+            codec.close()
+            del codec
+            gc.collect()
+        cuda.assert_clean()
+    _tally(cuda)
+    ort_codec.close()
+
+
+@needs_rtx
+def test_image_outside_the_engine_profile_is_a_clear_error(engines: tuple[Path, dict], fixture_dir: Path) -> None:
+    """The engines were built for at most 256x384; a 320x448 stream is refused with the remedy
+    (it used to reach TensorRT, whose set_input_shape returned False unnoticed)."""
+    d, registry = engines
+    img = np.asarray(Image.open(fixture_dir / "input.png").convert("RGB"))
+    big = np.ascontiguousarray(np.tile(img, (3, 3, 1))[:300, :420])
+    ort_codec = Codec(d, defaults().with_(backend="ort"))
+    data = ort_codec.encode(big, sampler="ddim", steps=4).data
+    cuda, trt = _sim(registry)
+    with installed(cuda, trt):
+        codec = Codec(d, defaults().with_(backend="trt"))
+        with pytest.raises(ValueError, match="outside the engine profile.*--max.*--backend ort"):
+            codec.decode(data)
+        codec.close()
+        del codec
+        gc.collect()
+    assert not cuda.violations
+    ort_codec.close()
 
 
 # --------------------------------------------------------------------------- rules, broken on purpose
