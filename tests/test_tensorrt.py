@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -465,6 +466,48 @@ def test_aot_build_small_graphs_fp32_fp16_static_and_sampler_steps(tmp_path: Pat
     # The recorded engines pass the runtime's compatibility rules for an RTX runtime on an SM 8.9 GPU.
     for key, e in m.engines.items():
         check_engine_compat(e, e.trt_version, "NVIDIA GeForce RTX 4090", "8.9", m.fingerprint, raw[key]["fingerprint"])
+
+
+@needs_rtx
+def test_rtx_build_retries_without_user_allocation_when_the_flagged_build_fails(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """TensorRT-RTX with REQUIRE_USER_ALLOCATION plans the largest profile's memory up
+    front; at a 2048x2048 UNet profile that build failed here (a 64 GiB request). The
+    builder must then rebuild without the flag, say so, and record the flags it used."""
+    from export.build_engines import EngineBuilder
+
+    d = _mini_artifacts(tmp_path)
+    eb = EngineBuilder("tensorrt_rtx", "89")
+    prof = {"x_t": ((1, 4, 8, 8), (1, 4, 16, 16), (1, 4, 32, 32))}
+    plan = eb.build(d / "control_unet.onnx", prof)
+    assert plan and eb.last_build_flags == {"REQUIRE_USER_ALLOCATION"}  # the normal case: capturable
+
+    real, seen = eb.builder, []
+
+    class FailsWithFlag:  # the real builder, except that a flagged build fails as the OOM one did
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def build_serialized_network(self, network: object, config: object) -> object:
+            flagged = config.get_flag(eb.trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
+            seen.append(flagged)
+            return None if flagged else real.build_serialized_network(network, config)
+
+    eb.builder = FailsWithFlag()
+    with caplog.at_level(logging.WARNING, logger="export.build_engines"):
+        retried = eb.build(d / "control_unet.onnx", prof)
+    assert seen == [True, False]
+    assert retried[:4] == plan[:4] and len(retried) > 1000  # a real serialized plan, not a placeholder
+    assert eb.last_build_flags == frozenset()
+    assert "rebuilding without it" in caplog.text and "not be CUDA-graph capturable" in caplog.text
+
+    class AlwaysFails(FailsWithFlag):
+        def build_serialized_network(self, network: object, config: object) -> object:
+            return None
+
+    eb.builder = AlwaysFails()
+    with pytest.raises(RuntimeError, match="failed to build control_unet.onnx"):
+        eb.build(d / "control_unet.onnx", prof)
 
 
 @needs_rtx
