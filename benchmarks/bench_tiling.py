@@ -15,7 +15,7 @@ decode the stream with the default settings (automatic tiling under the default 
 DDIM with ``--steps`` steps), recording peak RSS, the tiles chosen and stage times.
 
     python benchmarks/bench_tiling.py --artifacts ART [--sizes 256 512 1024 2048 4096] [--tile 512]
-        [--full-decode 2048 --steps 1] [--out benchmarks/results/bench_tiling.json]
+        [--estimate-only 4096] [--full-decode 2048 --steps 1] [--out benchmarks/results/bench_tiling.json]
 
 ``ART`` is an export of the paper configuration (random weights are fine: memory and time
 do not depend on the values), e.g. ``python -m export --preset paper --random-init
@@ -156,6 +156,8 @@ def main() -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--estimate-only", type=int, nargs="*", default=[],
+                   help="sides to report the runtime's estimate for without running them (too slow here)")
     p.add_argument("--full-decode", type=int, default=0, help="also encode+decode one image of this side")
     p.add_argument("--steps", type=int, default=1, help="DDIM steps of the full decode (memory does not depend on it)")
     p.add_argument("--timeout", type=float, default=3 * 3600)
@@ -167,11 +169,13 @@ def main() -> int:
                     "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
         "load_average_start": os.getloadavg(), "rows": [],
     }
-    for side in a.sizes:
+    for side in sorted({*a.sizes, *a.estimate_only}):
         for mode, req in (("untiled", -1), ("tiled", a.tile)):
             row: dict[str, Any] = {"side": side, "mode": mode, **estimate(a.artifacts, side, req)}
             result["budget_mb"] = row.pop("budget_mb")
-            if mode == "tiled" and side <= a.tile:
+            if side in a.estimate_only and side not in a.sizes:
+                row["note"] = "not run: estimate only (--estimate-only)"
+            elif mode == "tiled" and side <= a.tile:
                 row["note"] = "one tile: same as untiled"
             elif row["estimate_mb"] > result["budget_mb"]:
                 row["note"] = "not run: estimated peak over the budget (would be OOM-killed)"

@@ -308,8 +308,10 @@ class Codec:
                       if n in self.manifest.networks]
         loaded += [graph(n) for n in ctx]
         admits = getattr(self.backend, "admits", None)
-        plan = plan_vae(self.manifest, graph(whole), graph(tile_net), padded_hw, budget, cfg.tile,
-                        [n for n in fixed if n in self.manifest.networks], loaded, admits)
+        keeps = getattr(self.backend, "retains_scratch", lambda n: False)
+        fixed = [n for n in fixed if n in self.manifest.networks]
+        plan = plan_vae(self.manifest, graph(whole), graph(tile_net), padded_hw, budget, cfg.tile, fixed, loaded,
+                        admits, [n for n in fixed if keeps(n)])
         if plan.tile and direction == "encode" and not {"vae_encoder", "lfgcm_analysis"} <= set(self.manifest.networks):
             raise ManifestError("tiled encoding needs the vae_encoder and lfgcm_analysis networks, which these "
                                 "artifacts lack; re-export them with this version (python -m export ...)")

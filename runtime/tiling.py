@@ -41,7 +41,10 @@ log = logging.getLogger(__name__)
 
 TILE_MULTIPLE = 64  # pixels: one z-grid cell, the granularity of every exported graph's axes
 MIN_TILE = 128
-MAX_AUTO_TILE = 1024  # automatic tiling never picks a larger tile (more memory, little gain)
+# Automatic tiling never picks a larger tile: on CPU a 2048 px decode takes the same time in
+# 512 px tiles as in 1024 px ones (the VAE's cost per pixel grows with the tile, which eats
+# the overlap saved) at a third of the memory (benchmarks/results/bench_tiling.json).
+MAX_AUTO_TILE = 512
 OVERLAP_FRACTION = 0.25  # diffusers' tile_overlap_factor
 # Measured with ONNX Runtime on CPU (benchmarks/bench_tiling.py): a run's peak RSS over the
 # graph's static activation estimate, and what the process holds besides (Python, numpy,
@@ -224,16 +227,21 @@ def _gb(b: float) -> str:
     return f"{b / 2**30:.1f} GiB"
 
 
-def estimate_stage_bytes(manifest: Manifest, network: str, pixels: float, loaded: Sequence[str] = ()) -> float | None:
+def estimate_stage_bytes(manifest: Manifest, network: str, pixels: float, loaded: Sequence[str] = (),
+                         retained: Sequence[str] = (), retained_pixels: float | None = None) -> float | None:
     """Peak bytes of a process running ``network`` at ``pixels`` with the weights of ``loaded``
-    (sessions kept open) resident; None if a memory model is missing."""
-    entries = [manifest.networks.get(n) for n in {network, *loaded}]
+    (sessions kept open) resident, and the scratch of ``retained`` (networks that ran earlier
+    at ``retained_pixels``, default ``pixels``, and keep their arena) still allocated; None if
+    a memory model is missing."""
+    entries = [manifest.networks.get(n) for n in {network, *loaded, *retained}]
     if any(e is None or not e.memory for e in entries):
         return None
     weights = sum(float(e.memory["weights"]) for e in entries)  # type: ignore[union-attr]
     act = manifest.networks[network].activation_bytes(pixels)
     assert act is not None
-    return BASE_BYTES + weights + RUNTIME_OVERHEAD * act
+    rp = pixels if retained_pixels is None else retained_pixels
+    kept = sum(manifest.networks[r].activation_bytes(rp) or 0.0 for r in set(retained) - {network})
+    return BASE_BYTES + weights + RUNTIME_OVERHEAD * (act + kept)
 
 
 # host arrays beside the VAE: its float32 output (12 B/pixel) and, when tiled, the float64
@@ -243,20 +251,21 @@ _WHOLE_EXTRA, _TILED_EXTRA = 12.0, 36.0
 
 def plan_vae(manifest: Manifest, whole_network: str, tile_network: str, padded_hw: tuple[int, int],
              budget_bytes: int, tile_request: int, fixed: Sequence[str] = (), loaded: Sequence[str] = (),
-             admits: Callable[[str, int, int], bool] | None = None) -> VaePlan:
+             admits: Callable[[str, int, int], bool] | None = None, retained: Sequence[str] = ()) -> VaePlan:
     """Decide whether and how to tile a VAE stage.
 
     ``whole_network`` runs the stage untiled ("vae_decoder", or "image_encoder" for the
     encoder), ``tile_network`` runs one tile ("vae_decoder" / "vae_encoder"); ``fixed`` are
     the networks of the same direction that always see the whole image (the UNet, the LFGCM);
-    ``loaded`` those whose weights stay resident. ``admits(network, h, w)`` says whether the
+    ``loaded`` those whose weights stay resident, ``retained`` those that ran before the VAE
+    on the whole image and keep their scratch (the ORT arena of the denoising step). ``admits(network, h, w)`` says whether the
     backend can run a network at that pixel size (a TensorRT engine profile).
     Raises MemoryBudgetError when nothing fits, ValueError for a bad ``tile_request``.
     """
     h, w = padded_hw
     pixels = float(h * w)
     for n in fixed:  # the untileable stages decide whether the image can be done at all
-        est = estimate_stage_bytes(manifest, n, pixels, loaded)
+        est = estimate_stage_bytes(manifest, n, pixels, loaded, retained)
         if est is not None and est > budget_bytes:
             hint = ("; artifacts exported with --ort-graphs run it with fused attention, which needs far less"
                     if not n.endswith(".ort") and n + ".ort" not in manifest.networks and "unet" in n else "")
@@ -264,14 +273,14 @@ def plan_vae(manifest: Manifest, whole_network: str, tile_network: str, padded_h
                 f"image {h}x{w} (padded) does not fit the memory budget of {_gb(budget_bytes)} (--max-memory) even "
                 f"with a tiled VAE: {n} needs about {_gb(est)} at this size (it cannot be tiled){hint}. Use a "
                 "smaller image or a larger budget")
-    whole = estimate_stage_bytes(manifest, whole_network, pixels, loaded)
+    whole = estimate_stage_bytes(manifest, whole_network, pixels, loaded, retained)
     whole_ok = admits is None or admits(whole_network, h, w)
 
     def tiled(tile: int) -> tuple[bool, float | None]:
         th, tw = min(tile, h), min(tile, w)
         if admits is not None and not admits(tile_network, th, tw):
             return False, None
-        est = estimate_stage_bytes(manifest, tile_network, float(th * tw), loaded)
+        est = estimate_stage_bytes(manifest, tile_network, float(th * tw), loaded, retained, pixels)
         if est is None:
             return True, None
         est += _TILED_EXTRA * pixels

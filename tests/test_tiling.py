@@ -28,11 +28,14 @@ from runtime.config import defaults
 from runtime.manifest import load_manifest
 from runtime.pipeline import Codec
 from runtime.tiling import (
+    MAX_AUTO_TILE,
     MIN_TILE,
+    RUNTIME_OVERHEAD,
     MemoryBudgetError,
     axis_starts,
     decode_tiled,
     encode_tiled,
+    estimate_stage_bytes,
     parse_memory,
     parse_tile,
     plan_vae,
@@ -135,6 +138,63 @@ def test_plan_vae_tiles_above_the_budget_and_refuses_what_cannot_fit(manifest) -
     assert plan_vae(manifest, "vae_decoder", "vae_decoder", (512, 768), big, 0, fixed, loaded, only256).tile == 256
     with pytest.raises(MemoryBudgetError, match="tiling is off"):
         plan_vae(manifest, "vae_decoder", "vae_decoder", (512, 768), big, -1, fixed, loaded, only256)
+
+
+def test_plan_vae_counts_the_scratch_the_denoising_step_keeps(manifest) -> None:  # type: ignore[no-untyped-def]
+    """The ORT arena of the UNet step still holds its whole-image scratch when the VAE runs
+    (it was never counted before, and a 2048 px decode was OOM-killed): the planner adds it."""
+    loaded = ["control_unet", "vae_decoder", "content_decoder", "hyper_decoder"]
+    hw, px = (1024, 1024), 1024.0 * 1024
+    tile_px = 256.0 * 256
+    plain = estimate_stage_bytes(manifest, "vae_decoder", tile_px, loaded)
+    kept = estimate_stage_bytes(manifest, "vae_decoder", tile_px, loaded, ["control_unet"], px)
+    unet_scratch = manifest.networks["control_unet"].activation_bytes(px)
+    assert kept == pytest.approx(plain + RUNTIME_OVERHEAD * unet_scratch)
+    # a network's own scratch is not counted twice
+    assert estimate_stage_bytes(manifest, "control_unet", px, loaded, ["control_unet"]) == \
+        estimate_stage_bytes(manifest, "control_unet", px, loaded)
+    # a budget that 256 px tiles fit only without the retained scratch, 128 px tiles with it
+    small = estimate_stage_bytes(manifest, "vae_decoder", 128.0 * 128, loaded, ["control_unet"], px)
+    budget = int(small + 36.0 * px) + 1
+    assert plain + 36.0 * px < budget < kept + 36.0 * px
+    assert plan_vae(manifest, "vae_decoder", "vae_decoder", hw, budget, 256, [], loaded).tile == 256
+    with pytest.raises(MemoryBudgetError, match="with 256 px tiles needs about"):
+        plan_vae(manifest, "vae_decoder", "vae_decoder", hw, budget, 256, [], loaded, None, ["control_unet"])
+    auto = plan_vae(manifest, "vae_decoder", "vae_decoder", hw, budget, 0, [], loaded, None, ["control_unet"])
+    assert auto.tile == 128 and auto.estimate_bytes <= budget
+    with pytest.raises(MemoryBudgetError, match="even with 128 px VAE tiles"):
+        plan_vae(manifest, "vae_decoder", "vae_decoder", hw, budget - 2, 0, [], loaded, None, ["control_unet"])
+    assert plan_vae(manifest, "vae_decoder", "vae_decoder", (4096, 4096), 1 << 40, 0, [], loaded).tile == 0
+    assert plan_vae(manifest, "vae_decoder", "vae_decoder", (4096, 4096), 4 << 30, 0, [], loaded).tile <= MAX_AUTO_TILE
+
+
+def test_one_shot_networks_give_their_arena_back(fixture_artifacts: Path) -> None:
+    """ORT keeps a session's peak scratch in its CPU arena; the VAE (once per image) shrinks it
+    after each run, the denoising step (reused every step) keeps it and says so."""
+    import psutil
+
+    from runtime.backends.onnxruntime import OrtBackend
+
+    m, _ = load_manifest(fixture_artifacts)
+    rss = lambda: psutil.Process().memory_info().rss  # noqa: E731
+    z = np.random.default_rng(0).standard_normal((1, 4, 64, 64)).astype(np.float32)
+    deltas = []
+    for shrink in (True, False):
+        b = OrtBackend(m, fixture_artifacts, defaults())
+        if not shrink:
+            b._run_options = lambda n: None  # type: ignore[method-assign]  # what it did before
+        b.session("vae_decoder")
+        r0 = rss()
+        out = b.run("vae_decoder", {"latent": z})
+        assert out["decoded"].shape == (1, 3, 512, 512)
+        del out
+        deltas.append(rss() - r0)
+        assert b.retains_scratch("control_unet") and not b.retains_scratch("vae_decoder")
+        b.close()
+    assert deltas[1] > 100 << 20 and deltas[0] < deltas[1] / 4, deltas
+    off = OrtBackend(m, fixture_artifacts, defaults(), arena=False)  # no arena: nothing to shrink or keep
+    assert not off.retains_scratch("control_unet") and off._run_options("vae_decoder") is None
+    assert off.run("vae_decoder", {"latent": z[:, :, :8, :8]})["decoded"].shape == (1, 3, 64, 64)
 
 
 # --------------------------------------------------------------------------- the real (tiny) VAE

@@ -13,7 +13,14 @@ docs/performance.md for what each one measured):
 * ``spinning``: whether idle intra-op threads spin between ops. Spinning helps an
   otherwise idle machine; on a machine shared with other jobs it burns CPU the
   others need, so it is off by default only where asked (``spinning=False``).
-* ``arena``: the CPU memory arena (off: plain malloc/free per tensor).
+* ``arena``: the CPU memory arena (off: plain malloc/free per tensor). ORT's arena never
+  gives memory back by itself, so a session keeps its largest run's scratch for as long
+  as it lives. Networks that run once per image (``ONE_SHOT``: the VAE, its tiles, the
+  LFGCM analysis/synthesis) shrink their arena at the end of each run
+  (``memory.enable_memory_arena_shrinkage``), so an encode followed by a decode in one
+  process (the service) does not carry the encoder's gigabytes into the decoder; the
+  denoising step keeps its arena between the steps of a loop (it is reused 50 times),
+  and ``retains_scratch`` tells the memory planner so (runtime.tiling).
 * ``io_binding``: inputs bound from the caller's numpy arrays without a copy, and
   outputs whose shape equals an input's (``eps`` of ``control_unet``) written into a
   preallocated numpy array.
@@ -52,6 +59,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Networks that run once per image (or per VAE tile): their arena is shrunk after each run.
+ONE_SHOT = frozenset({"image_encoder", "vae_encoder", "lfgcm_analysis", "content_decoder", "vae_decoder"})
+
+
 class OrtBackend:
     name = "ort"
 
@@ -77,6 +88,20 @@ class OrtBackend:
         self.ort_graphs = ort_graphs
         self.optimized_dir = Path(optimized_dir) if optimized_dir is not None else None
         self.extra_config = dict(extra_config or {})
+        self._shrink = ort.RunOptions()
+        self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+    def _cpu_arena(self) -> bool:
+        return self.arena and self.providers[0] == "CPUExecutionProvider"
+
+    def retains_scratch(self, network: str) -> bool:
+        """Whether ``network``'s session keeps its peak scratch allocated after a run (the
+        CPU arena of a network not in ONE_SHOT)."""
+        return self._cpu_arena() and network.removesuffix(ORT_SUFFIX) not in ONE_SHOT
+
+    def _run_options(self, network: str) -> ort.RunOptions | None:
+        # shrinking needs the arena (ORT refuses the option when it is disabled)
+        return self._shrink if self._cpu_arena() and not self.retains_scratch(network) else None
 
     @staticmethod
     def preset(name: str) -> dict[str, Any]:
@@ -155,7 +180,7 @@ class OrtBackend:
                  for k, v in inputs.items()}
         if not self.io_binding:
             names = [o.name for o in sess.get_outputs()]
-            return dict(zip(names, sess.run(names, feeds)))
+            return dict(zip(names, sess.run(names, feeds, self._run_options(network))))
         binding = sess.io_binding()
         for k, v in feeds.items():
             binding.bind_cpu_input(k, v)
@@ -172,7 +197,7 @@ class OrtBackend:
                 outs[o.name] = arr
             else:
                 binding.bind_output(o.name, "cpu")
-        sess.run_with_iobinding(binding)
+        sess.run_with_iobinding(binding, self._run_options(network))
         rest = [o.name for o in entry.outputs if o.name not in outs]
         if rest:
             ort_outs = binding.get_outputs()
