@@ -41,9 +41,9 @@ log = logging.getLogger(__name__)
 
 TILE_MULTIPLE = 64  # pixels: one z-grid cell, the granularity of every exported graph's axes
 MIN_TILE = 128
-# Automatic tiling never picks a larger tile: on CPU a 2048 px decode takes the same time in
-# 512 px tiles as in 1024 px ones (the VAE's cost per pixel grows with the tile, which eats
-# the overlap saved) at a third of the memory (benchmarks/results/bench_tiling.json).
+# Automatic tiling never picks a larger tile: on CPU the VAE's cost per pixel grows with the
+# tile (its attention), so 25 tiles of 512 px decode 2048 px in 357 s where the 9 tiles of
+# 1024 px would take about 9 x 63 s (benchmarks/results/bench_tiling.json), at more memory.
 MAX_AUTO_TILE = 512
 OVERLAP_FRACTION = 0.25  # diffusers' tile_overlap_factor
 # Measured with ONNX Runtime on CPU (benchmarks/bench_tiling.py): a run's peak RSS over the
@@ -258,8 +258,9 @@ def plan_vae(manifest: Manifest, whole_network: str, tile_network: str, padded_h
     encoder), ``tile_network`` runs one tile ("vae_decoder" / "vae_encoder"); ``fixed`` are
     the networks of the same direction that always see the whole image (the UNet, the LFGCM);
     ``loaded`` those whose weights stay resident, ``retained`` those that ran before the VAE
-    on the whole image and keep their scratch (the ORT arena of the denoising step). ``admits(network, h, w)`` says whether the
-    backend can run a network at that pixel size (a TensorRT engine profile).
+    on the whole image and keep their scratch (the ORT arena of the denoising step).
+    ``admits(network, h, w)`` says whether the backend can run a network at that pixel size
+    (a TensorRT engine profile).
     Raises MemoryBudgetError when nothing fits, ValueError for a bad ``tile_request``.
     """
     h, w = padded_hw

@@ -101,7 +101,7 @@ class OrtBackend:
 
     def _run_options(self, network: str) -> ort.RunOptions | None:
         # shrinking needs the arena (ORT refuses the option when it is disabled)
-        return self._shrink if self._cpu_arena() and not self.retains_scratch(network) else None
+        return self._shrink if self._cpu_arena() and network.removesuffix(ORT_SUFFIX) in ONE_SHOT else None
 
     @staticmethod
     def preset(name: str) -> dict[str, Any]:
