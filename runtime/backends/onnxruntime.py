@@ -91,17 +91,20 @@ class OrtBackend:
         self._shrink = ort.RunOptions()
         self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
-    def _cpu_arena(self) -> bool:
-        return self.arena and self.providers[0] == "CPUExecutionProvider"
+    def _arena_policy(self, network: str) -> str:
+        """"none" (no CPU arena: plain malloc/free), "shrink" (a ONE_SHOT network) or "keep"."""
+        if not (self.arena and self.providers[0] == "CPUExecutionProvider"):
+            return "none"
+        return "shrink" if network.removesuffix(ORT_SUFFIX) in ONE_SHOT else "keep"
 
     def retains_scratch(self, network: str) -> bool:
         """Whether ``network``'s session keeps its peak scratch allocated after a run (the
         CPU arena of a network not in ONE_SHOT)."""
-        return self._cpu_arena() and network.removesuffix(ORT_SUFFIX) not in ONE_SHOT
+        return self._arena_policy(network) == "keep"
 
     def _run_options(self, network: str) -> ort.RunOptions | None:
         # shrinking needs the arena (ORT refuses the option when it is disabled)
-        return self._shrink if self._cpu_arena() and network.removesuffix(ORT_SUFFIX) in ONE_SHOT else None
+        return self._shrink if self._arena_policy(network) == "shrink" else None
 
     @staticmethod
     def preset(name: str) -> dict[str, Any]:
